@@ -1,0 +1,307 @@
+"""Dataset preparation: read sources -> clean -> grouped stratified split -> train-only flips and
+class balancing -> optional rescale -> one COCO JSON per split, with a summary and a skip report.
+
+The split is hand-written (about 30 lines) because it must be grouped (a slide or patient never
+spans two splits), stratified by class presence and split by ratios at once; scikit-learn's
+StratifiedGroupKFold does k equal folds only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from leukodet.data.coco import write_coco
+from leukodet.data.records import POINT, ImageRecord, Region, Skip
+from leukodet.data.via import AnnotationError, LabelPolicy, ParseResult, UnmappedLabelError
+from leukodet.io import atomic_write_bytes, atomic_write_text
+from leukodet.registry import DATASETS
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+FLIPS = {"x": 1, "y": 0, "xy": -1}  # cv2.flip codes: mirror on x (left-right), y (up-down), both
+
+
+@dataclass
+class Prepared:
+    out_dir: Path
+    split_files: dict[str, Path]
+    summary: pd.DataFrame
+    skips: list[Skip] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- reading and cleaning
+
+
+def read_sources(sources: Sequence[Mapping[str, Any]], labels: LabelPolicy) -> ParseResult:
+    """Read every source (``{name: via|coco|<plugin>, path: ..., image_dir: ...}``).
+
+    A source file that cannot be read at all is reported as skipped and the others are still
+    converted; only when no source can be read is that an error.
+    """
+    result = ParseResult([], [])
+    failures = []
+    for source in sources:
+        try:
+            result.extend(DATASETS.build(source, labels=labels))
+        except UnmappedLabelError:
+            raise
+        except AnnotationError as err:
+            failures.append(str(err))
+            result.skips.append(Skip(str(source.get("path", "")), "", None, f"annotation file unreadable: {err}"))
+    if failures and len(failures) == len(sources):
+        raise AnnotationError("no annotation file could be read:\n" + "\n".join(failures))
+    for message in failures:
+        logger.error("%s (skipped; the other files are converted)", message)
+    return result
+
+
+def file_hash(path: str) -> str:
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+
+
+def clean(records: Sequence[ImageRecord]) -> tuple[list[ImageRecord], list[Skip]]:
+    """Drop images with no labelled region and exact duplicate images (same bytes), reporting each."""
+    kept, skips, seen = [], [], {}
+    for record in tqdm(records, desc="cleaning", unit="img", leave=False):
+        if not record.regions:
+            skips.append(Skip(record.source, record.file_name, None, "no labelled region", "clean"))
+            continue
+        digest = file_hash(record.file_name)
+        if digest in seen:
+            skips.append(Skip(record.source, record.file_name, None,
+                              f"duplicate of {seen[digest]} (same content)", "clean"))
+            continue
+        seen[digest] = record.file_name
+        kept.append(record)
+    return kept, skips
+
+
+def assign_groups(records: Sequence[ImageRecord], group_regex: str | None) -> None:
+    """Set each record's group from ``group_regex`` searched in its path (first capture group if
+    any, else the whole match); no regex or no match: the image is its own group."""
+    pattern = re.compile(group_regex) if group_regex else None
+    unmatched = 0
+    for record in records:
+        match = pattern.search(Path(record.file_name).as_posix()) if pattern else None
+        if match:
+            record.group = match.group(1) if pattern.groups else match.group(0)
+        else:
+            record.group = record.file_name
+            unmatched += pattern is not None
+    if unmatched:
+        logger.warning("group regex %r matched no group in %d of %d paths: each is its own group",
+                       group_regex, unmatched, len(records))
+
+
+# ---------------------------------------------------------------- split
+
+
+def split_records(records: Sequence[ImageRecord], ratios: Mapping[str, float], seed: int = 0
+                  ) -> dict[str, list[ImageRecord]]:
+    """Seeded split by ``ratios`` (e.g. 0.7/0.2/0.1), grouped by ``record.group`` and stratified by
+    the set of classes a group holds: within each stratum, each group goes to the split furthest
+    below its share."""
+    total = sum(ratios.values())
+    shares = {name: ratios[name] / total for name in ratios}
+    groups: dict[str, list[ImageRecord]] = {}
+    for record in records:
+        groups.setdefault(record.group, []).append(record)
+    strata: dict[tuple, list[str]] = {}
+    for gid in sorted(groups):
+        classes = tuple(sorted({r.label for rec in groups[gid] for r in rec.regions}))
+        strata.setdefault(classes, []).append(gid)
+    rng = random.Random(seed)
+    out: dict[str, list[ImageRecord]] = {name: [] for name in shares}
+    for key in sorted(strata):
+        gids = strata[key]
+        rng.shuffle(gids)
+        placed = Counter()
+        for gid in gids:
+            size = len(groups[gid])
+            done = sum(placed.values()) + size
+            target = max(shares, key=lambda s: shares[s] * done - placed[s])
+            placed[target] += size
+            out[target].extend(groups[gid])
+    for name, part in out.items():
+        if not part and shares[name] > 0:
+            logger.warning("split %r is empty: too few groups (%d) for the ratios %s", name, len(groups), dict(ratios))
+    return out
+
+
+# ---------------------------------------------------------------- geometry on disk
+
+
+def _read_unchanged(path: str) -> np.ndarray:
+    image = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ValueError(f"{path}: cannot decode image")
+    return image
+
+
+def _write_like(source: str, image: np.ndarray, target: Path) -> None:
+    suffix = Path(source).suffix.lower() or ".png"
+    params = [cv2.IMWRITE_JPEG_QUALITY, 95] if suffix in (".jpg", ".jpeg") else []
+    ok, encoded = cv2.imencode(suffix, image, params)
+    if not ok:
+        raise ValueError(f"{target}: cannot encode image as {suffix}")
+    atomic_write_bytes(target, encoded.tobytes())
+
+
+def flip_record(record: ImageRecord, flip: str, out_path: Path) -> ImageRecord:
+    """Write the mirrored image and return its record with every shape mirrored the same way.
+
+    Pixel i spans [i, i+1), so a mirrored coordinate is ``W - x`` (and ``H - y``).
+    """
+    _write_like(record.file_name, cv2.flip(_read_unchanged(record.file_name), FLIPS[flip]), out_path)
+    size = np.array([record.width, record.height], float)
+    axes = {"x": [True, False], "y": [False, True], "xy": [True, True]}[flip]
+    regions = [Region(r.label, r.kind, np.where(axes, size - r.points, r.points)) for r in record.regions]
+    return replace(record, file_name=str(out_path.resolve()), regions=regions)
+
+
+def rescale_record(record: ImageRecord, factor: float, out_path: Path) -> ImageRecord:
+    """Write the image scaled by ``factor`` (INTER_AREA) and scale its shapes to match."""
+    width, height = max(1, round(record.width * factor)), max(1, round(record.height * factor))
+    image = cv2.resize(_read_unchanged(record.file_name), (width, height), interpolation=cv2.INTER_AREA)
+    _write_like(record.file_name, image, out_path)
+    ratio = np.array([width / record.width, height / record.height])
+    regions = [Region(r.label, r.kind, r.points * ratio) for r in record.regions]
+    return replace(record, file_name=str(out_path.resolve()), regions=regions, width=width, height=height)
+
+
+def derived_name(record: ImageRecord, tag: str) -> str:
+    """A file name for a derived image that never collides: the same name can sit in two folders."""
+    path = Path(record.file_name)
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+    return f"{path.stem}_{digest}{tag}{path.suffix}"
+
+
+def _instance_counts(items: Sequence[ImageRecord]) -> Counter:
+    return Counter(r.label for rec in items for r in rec.regions)
+
+
+def balance_with_flips(train: Sequence[ImageRecord], flips: Sequence[str], balance: bool,
+                       target_ratio: float, seed: int = 0) -> list[tuple[ImageRecord, str | None]]:
+    """Choose (image, flip) pairs for the training set; flip None is the original.
+
+    Without balancing every image gets every flip. With balancing, flips are spent on images
+    holding the rarest class (most of it first) until rarest/commonest instances reach
+    ``target_ratio``; if flips run out, images without the rarest class are dropped at random
+    (seeded) until the ratio is reached.
+    """
+    chosen: list[tuple[ImageRecord, str | None]] = [(rec, None) for rec in train]
+    if not balance:
+        return chosen + [(rec, flip) for flip in flips for rec in train]
+    counts = _instance_counts(train)
+    if len(counts) < 2:
+        return chosen
+    (common, _), (rare, _) = counts.most_common()[0], counts.most_common()[-1]
+
+    def ratio() -> float:
+        return counts[rare] / max(counts[common], 1)
+
+    holders = sorted((rec for rec in train if any(r.label == rare for r in rec.regions)),
+                     key=lambda rec: -sum(r.label == rare for r in rec.regions))
+    for flip in flips:
+        for rec in holders:
+            if ratio() >= target_ratio:
+                return chosen
+            chosen.append((rec, flip))
+            counts.update(r.label for r in rec.regions)
+    droppable = [i for i, (rec, _) in enumerate(chosen) if all(r.label != rare for r in rec.regions)]
+    random.Random(seed).shuffle(droppable)
+    dropped = set()
+    for index in droppable:
+        if ratio() >= target_ratio:
+            break
+        dropped.add(index)
+        counts.subtract(r.label for r in chosen[index][0].regions)
+    return [pair for i, pair in enumerate(chosen) if i not in dropped]
+
+
+# ---------------------------------------------------------------- the whole preparation
+
+
+def summarize(splits: Mapping[str, Sequence[ImageRecord]], classes: Sequence[str], stage: str) -> pd.DataFrame:
+    rows = []
+    for name, items in splits.items():
+        counts = _instance_counts(items)
+        rows.append({"split": name, "stage": stage, "images": len(items),
+                     **{c: counts.get(c, 0) for c in classes}})
+    return pd.DataFrame(rows)
+
+
+def skips_table(skips: Sequence[Skip]) -> pd.DataFrame:
+    return pd.DataFrame([vars(s) for s in skips], columns=["stage", "source", "file_name", "region", "reason"])
+
+
+def print_skip_summary(skips: Sequence[Skip], csv_path: Path) -> None:
+    if not skips:
+        print("nothing skipped")
+        return
+    table = skips_table(skips).groupby(["stage", "reason"]).size().rename("count").reset_index()
+    print(f"{len(skips)} regions/images skipped (every one listed in {csv_path}):")
+    print(table.to_string(index=False))
+
+
+def prepare_dataset(sources: Sequence[Mapping[str, Any]], out_dir: str | Path, classes: Sequence[str] | None = None,
+                    class_attribute: str = "class", class_map: Mapping[str, str | None] | None = None,
+                    unmapped: str = "error", group_regex: str | None = None,
+                    split: Mapping[str, float] | None = None, seed: int = 0,
+                    flips: Sequence[str] = ("x", "y", "xy"), balance: bool = False, target_ratio: float = 1.0,
+                    scale: float = 1.0) -> Prepared:
+    """Run the whole preparation and write ``out_dir/{train,val,test}.json``, ``summary.csv``
+    and ``skipped.csv``. Returns the written paths and the summary table."""
+    out_dir = Path(out_dir)
+    labels = LabelPolicy(class_attribute, dict(class_map or {}), unmapped)
+    parsed = read_sources(sources, labels)
+    box_only = parsed.box_only
+    records, skips = clean(parsed.records)
+    skips = parsed.skips + skips
+    classes = list(classes) if classes else sorted({r.label for rec in records for r in rec.regions})
+    unknown = {r.label for rec in records for r in rec.regions} - set(classes)
+    if unknown:
+        raise ValueError(f"labels {sorted(unknown)} are not in classes {classes}: add them to 'classes' "
+                         "or map them in 'class_map'")
+    assign_groups(records, group_regex)
+    ratios = dict(split or {"train": 0.7, "val": 0.2, "test": 0.1})
+    parts = split_records(records, ratios, seed)
+    summary = [summarize(parts, classes, "split")]
+
+    image_dir = out_dir / "images"
+    if scale != 1.0:
+        parts = {name: [rescale_record(rec, scale, image_dir / name / derived_name(rec, ""))
+                        for rec in tqdm(items, desc=f"rescaling {name}", unit="img")]
+                 for name, items in parts.items()}
+    if "train" in parts and (flips or balance):
+        pairs = balance_with_flips(parts["train"], list(flips), balance, target_ratio, seed)
+        parts["train"] = [rec if flip is None else flip_record(
+            rec, flip, image_dir / "train" / derived_name(rec, f"_flip{flip}"))
+            for rec, flip in tqdm(pairs, desc="train flips", unit="img")]
+        summary.append(summarize({"train": parts["train"]}, classes, "augmented"))
+
+    split_files = {name: write_coco(out_dir / f"{name}.json", items, classes, box_only)
+                   for name, items in parts.items()}
+    table = pd.concat(summary, ignore_index=True)
+    atomic_write_text(out_dir / "summary.csv", table.to_csv(index=False))
+    atomic_write_text(out_dir / "skipped.csv", skips_table(skips).to_csv(index=False))
+    point_note = " (count-only points)" if all(r.kind == POINT for rec in records for r in rec.regions) else ""
+    print(f"prepared {len(records)} images{point_note}, classes {classes}, box_only={box_only}")
+    print(table.to_string(index=False))
+    print_skip_summary(skips, out_dir / "skipped.csv")
+    print(f"results saved to {out_dir}")
+    return Prepared(out_dir, split_files, table, skips)

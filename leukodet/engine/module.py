@@ -1,0 +1,92 @@
+"""The one training loop: a LightningModule around any registered detector adapter.
+
+Lightning gives the loop, checkpoints (last / best by a named metric), resume, DDP, AMP, loggers
+and the progress bar; this module only says what a step, a validation pass and the optimiser are.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+
+from leukodet.registry import MODELS
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str,
+              milestones: Sequence[float] = (0.7, 0.9), gamma: float = 0.1) -> float:
+    """Learning-rate multiplier at ``step``: linear warmup, then cosine to 0 or steps of ``gamma``
+    at the given fractions of training."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    if schedule == "step":
+        return gamma ** sum(step >= m * total_steps for m in milestones)
+    if schedule == "constant":
+        return 1.0
+    raise ValueError(f"train.schedule={schedule!r}: choose cosine, step or constant")
+
+
+class DetectionModule(L.LightningModule):
+    """Trains an adapter (``losses``/``predict`` protocol) and validates it with the evaluator."""
+
+    def __init__(self, model_cfg: Mapping[str, Any], optim_cfg: Mapping[str, Any], class_names: Sequence[str],
+                 box_only: bool, evaluate_fn=None):
+        super().__init__()
+        self.save_hyperparameters({"model": dict(model_cfg), "optim": dict(optim_cfg),
+                                   "class_names": list(class_names), "box_only": box_only})
+        self.adapter = MODELS.build(model_cfg, num_classes=len(class_names), masks=not box_only)
+        self.optim_cfg = dict(optim_cfg)
+        self.class_names = list(class_names)
+        self.evaluate_fn = evaluate_fn  # (dataset_dicts, predictions) -> {metric: value}
+        self._val_records: list[dict] = []
+        self._val_predictions: list = []
+
+    def training_step(self, batch: list[dict], batch_idx: int) -> torch.Tensor:
+        losses = self.adapter.losses(batch)
+        loss = sum(losses.values())
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=len(batch))
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch))
+        return loss
+
+    def validation_step(self, batch: list[dict], batch_idx: int) -> None:
+        # torchvision detectors return losses only in train mode; with frozen BN that is safe to
+        # call under no_grad, and gives the validation loss the seed compares with training.
+        self.adapter.train()
+        with torch.no_grad():
+            losses = self.adapter.losses(batch)
+        self.adapter.eval()
+        self.log("val/loss", sum(losses.values()), prog_bar=True, batch_size=len(batch), sync_dist=True)
+        if self.evaluate_fn is not None:
+            from leukodet.engine.predictor import predict_original
+
+            self._val_predictions.extend(predict_original(self.adapter, batch))
+            self._val_records.extend(sample["record"] for sample in batch)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.evaluate_fn is None or not self._val_records:
+            return
+        metrics = self.evaluate_fn(self._val_records, self._val_predictions)
+        self.log_dict({f"val/{k}": float(v) for k, v in metrics.items()}, prog_bar=False)
+        self._val_records, self._val_predictions = [], []
+
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        params = [p for p in self.adapter.parameters() if p.requires_grad]
+        if cfg["optimizer"] == "sgd":
+            optimizer = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg.get("momentum", 0.9),
+                                        weight_decay=cfg.get("weight_decay", 1e-4))
+        elif cfg["optimizer"] == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 1e-4))
+        else:
+            raise ValueError(f"train.optimizer={cfg['optimizer']!r}: choose sgd or adamw")
+        total = cfg["max_steps"]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+            step, cfg.get("warmup_steps", 0), total, cfg.get("schedule", "cosine"),
+            cfg.get("milestones", (0.7, 0.9)), cfg.get("gamma", 0.1)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

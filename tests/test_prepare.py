@@ -1,0 +1,141 @@
+"""Preparation: cleaning, grouped stratified split, flips with mirrored polygons, balancing, rescale."""
+
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+from pycocotools.coco import COCO
+
+from leukodet.data.prepare import balance_with_flips, flip_record, prepare_dataset, rescale_record, split_records
+from leukodet.data.records import POLYGON, ImageRecord, Region
+from tests.conftest import write_image
+
+TRIANGLE = np.array([[10.0, 5.0], [30.0, 5.0], [10.0, 25.0]])
+
+
+def records_with_groups(n_groups, per_group, labels=("a", "b")):
+    records = []
+    for g in range(n_groups):
+        for i in range(per_group):
+            label = labels[g % len(labels)]
+            rec = ImageRecord(f"/data/patient{g:02d}/img{i}.png", [Region(label, POLYGON, TRIANGLE)], 64, 48)
+            rec.group = f"p{g}"
+            records.append(rec)
+    return records
+
+
+def test_split_is_grouped_seeded_stratified_and_near_ratio():
+    records = records_with_groups(30, 3)
+    parts = split_records(records, {"train": 0.7, "val": 0.2, "test": 0.1}, seed=3)
+    groups = {name: {r.group for r in part} for name, part in parts.items()}
+    assert not (groups["train"] & groups["val"]) and not (groups["train"] & groups["test"]) \
+        and not (groups["val"] & groups["test"])
+    assert [len(parts[s]) for s in ("train", "val", "test")] == [63, 18, 9]
+    for name, part in parts.items():  # both classes in every split (stratified)
+        assert {r.regions[0].label for r in part} == {"a", "b"}, name
+    again = split_records(records, {"train": 0.7, "val": 0.2, "test": 0.1}, seed=3)
+    assert [r.file_name for r in again["val"]] == [r.file_name for r in parts["val"]]
+    other = split_records(records, {"train": 0.7, "val": 0.2, "test": 0.1}, seed=4)
+    assert [r.file_name for r in other["val"]] != [r.file_name for r in parts["val"]]
+
+
+def test_flip_mirrors_polygons_with_the_pixels(tmp_path):
+    image = np.zeros((48, 64, 3), np.uint8)
+    cv2.fillPoly(image, [TRIANGLE.astype(np.int32)], (255, 255, 255))
+    cv2.imwrite(str(tmp_path / "src.png"), image)
+    record = ImageRecord(str(tmp_path / "src.png"), [Region("a", POLYGON, TRIANGLE)], 64, 48)
+    for flip in ("x", "y", "xy"):
+        flipped = flip_record(record, flip, tmp_path / f"{flip}.png")
+        pixels = cv2.imread(flipped.file_name, cv2.IMREAD_GRAYSCALE) > 0
+        drawn = np.zeros((48, 64), np.uint8)
+        cv2.fillPoly(drawn, [np.round(flipped.regions[0].points).astype(np.int32)], 1)
+        iou = (pixels & (drawn > 0)).sum() / (pixels | (drawn > 0)).sum()
+        assert iou > 0.9, flip
+
+
+def test_rescale_scales_polygons_and_image(tmp_path):
+    write_image(tmp_path / "src.jpg", 100, 50)
+    record = ImageRecord(str(tmp_path / "src.jpg"), [Region("a", POLYGON, TRIANGLE)], 100, 50)
+    small = rescale_record(record, 0.2, tmp_path / "small.jpg")
+    assert (small.width, small.height) == (20, 10)
+    assert cv2.imread(small.file_name).shape[:2] == (10, 20)
+    np.testing.assert_allclose(small.regions[0].points, TRIANGLE * 0.2)
+
+
+def test_balancing_flips_the_minority_then_drops_majority_only_images():
+    minority = [ImageRecord(f"m{i}", [Region("blast", POLYGON, TRIANGLE)]) for i in range(2)]
+    majority = [ImageRecord(f"M{i}", [Region("other", POLYGON, TRIANGLE)] * 2) for i in range(10)]
+    plain = balance_with_flips(minority + majority, ["x", "y", "xy"], balance=False, target_ratio=1.0)
+    assert len(plain) == 48
+    pairs = balance_with_flips(minority + majority, ["x", "y", "xy"], balance=True, target_ratio=1.0, seed=0)
+    counts = {"blast": 0, "other": 0}
+    for rec, _ in pairs:
+        for r in rec.regions:
+            counts[r.label] += 1
+    assert counts["blast"] == 8  # every minority image in all 4 orientations
+    assert counts["other"] <= 8 and counts["blast"] / counts["other"] >= 1.0
+    assert all(flip is None for rec, flip in pairs if rec.regions[0].label == "other")
+
+
+def write_via(folder, entries):
+    (folder / "via.json").write_text(json.dumps({
+        name: {"filename": name, "size": 1, "file_attributes": {},
+               "regions": [{"shape_attributes": {"name": "polygon", "all_points_x": list(xs), "all_points_y": list(ys)},
+                            "region_attributes": {"cell_type": label}} for label, xs, ys in regions]}
+        for name, regions in entries.items()}))
+    return folder / "via.json"
+
+
+def test_prepare_end_to_end_reports_drops_duplicates_and_writes_splits(tmp_path):
+    src = tmp_path / "src"
+    entries = {}
+    for p in range(10):
+        for i in range(2):
+            name = f"patient{p:02d}_img{i}.png"
+            write_image(src / name, seed=p * 10 + i)
+            entries[name] = [("blast" if p % 2 else "neutrophil", [10, 30, 10], [5, 5, 25])]
+    write_image(src / "unlabelled.png", seed=999)
+    entries["unlabelled.png"] = []
+    shutil.copy(src / "patient00_img0.png", src / "patient99_copy.png")
+    entries["patient99_copy.png"] = entries["patient00_img0.png"]
+    sources = [{"name": "via", "path": str(write_via(src, entries)), "image_dir": str(src)}]
+
+    out = tmp_path / "prepared"
+    prepared = prepare_dataset(sources, out, classes=["lymphoblast", "non_lymphoblast"], class_attribute="cell_type",
+                               class_map={"blast": "lymphoblast", "neutrophil": "non_lymphoblast"},
+                               group_regex=r"patient(\d+)", flips=["x", "y", "xy"], seed=0)
+    reasons = sorted(s.reason for s in prepared.skips)
+    assert reasons[0].startswith("duplicate of") and reasons[1] == "no labelled region"
+    sizes = {split: len(COCO(str(path)).getImgIds()) for split, path in prepared.split_files.items()}
+    assert sizes["val"] + sizes["test"] == 6 and sizes["train"] == 14 * 4  # 7 patients x 2 images x 4 flips
+    train = json.loads((out / "train.json").read_text())
+    assert len({img["file_name"] for img in train["images"]}) == len(train["images"])
+    summary = prepared.summary
+    assert list(summary.columns) == ["split", "stage", "images", "lymphoblast", "non_lymphoblast"]
+    assert (out / "summary.csv").is_file() and (out / "skipped.csv").read_text().count("\n") == 3
+    # flipped images live in the output folder, originals are referenced where they are
+    assert all((out / img["file_name"]).is_file() for img in train["images"])
+
+
+def test_prepare_unknown_label_not_in_classes(tmp_path):
+    write_image(tmp_path / "a.png")
+    sources = [{"name": "via", "path": str(write_via(tmp_path, {"a.png": [("zz", [1, 9, 1], [1, 1, 9])]}))}]
+    with pytest.raises(ValueError, match=r"labels \['zz'\] are not in classes"):
+        prepare_dataset(sources, tmp_path / "out", classes=["a"], class_attribute="cell_type")
+
+
+def test_one_bad_file_loses_nothing_else(tmp_path):
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    write_image(good / "a.png")
+    write_via(good, {"a.png": [("x", [1, 9, 1], [1, 1, 9])]})
+    bad.mkdir()
+    (bad / "via.json").write_text('{"a.png": {"filename": "a.png", "regions": [{"shape_att')
+    sources = [{"name": "via", "path": str(good / "via.json")}, {"name": "via", "path": str(bad / "via.json")}]
+    prepared = prepare_dataset(sources, tmp_path / "out", class_attribute="cell_type", split={"train": 1.0})
+    assert len(COCO(str(prepared.split_files["train"])).getImgIds()) == 1
+    (skip,) = prepared.skips
+    assert "bad/via.json: not valid JSON at line 1" in skip.reason
+    with pytest.raises(ValueError, match="no annotation file could be read"):
+        prepare_dataset(sources[1:], tmp_path / "out2", class_attribute="cell_type")
