@@ -12,20 +12,23 @@ import numpy as np
 from leukodet.io import atomic_write_bytes
 
 
-def draw_legend(image: np.ndarray, lines: Sequence[tuple[str, tuple[int, int, int]]]) -> None:
-    """Coloured text lines in a dark box at the top-left corner (in place)."""
-    scale = max(0.4, min(image.shape[:2]) / 800)
-    height = int(22 * scale) + 6
-    width = max(cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] for text, _ in lines) + 12
-    cv2.rectangle(image, (0, 0), (width, height * len(lines) + 6), (0, 0, 0), -1)
-    for i, (text, color) in enumerate(lines):
-        cv2.putText(image, text, (6, height * (i + 1)), cv2.FONT_HERSHEY_SIMPLEX, scale, color, 1, cv2.LINE_AA)
+def with_legend(image: np.ndarray, entries: Sequence[tuple[str, tuple[int, int, int]]]) -> np.ndarray:
+    """``image`` with a dark strip below it holding the coloured legend entries side by side, so
+    the legend never hides a cell."""
+    scale = max(0.4, image.shape[1] / 1400)
+    line = int(24 * scale) + 8
+    strip = np.zeros((line + 4, image.shape[1], 3), np.uint8)
+    x = 6
+    for text, color in entries:
+        cv2.putText(strip, text, (x, line - 6), cv2.FONT_HERSHEY_SIMPLEX, scale, color, 1, cv2.LINE_AA)
+        x += cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] + 18
+    return np.vstack([image, strip])
 
 
 def draw_annotations(image: np.ndarray, dataset_dict: dict, class_names: Sequence[str],
                      colors: Sequence[tuple[int, int, int]]) -> np.ndarray:
     """An RGB copy of ``image`` with each annotation's outline (or box) and point in its class
-    colour, and a legend counting instances per class."""
+    colour, and a legend strip below counting instances per class."""
     out = image.copy()
     thickness = max(1, round(min(image.shape[:2]) / 300))
     counts: Counter = Counter()
@@ -35,15 +38,14 @@ def draw_annotations(image: np.ndarray, dataset_dict: dict, class_names: Sequenc
         polygons = ann.get("segmentation") or []
         if polygons:
             pts = [np.round(np.asarray(p).reshape(-1, 2)).astype(np.int32) for p in polygons]
-            cv2.polylines(out, pts, True, color, thickness, cv2.LINE_AA)
+            cv2.polylines(out, pts, True, color, thickness)
         else:
             x, y, w, h = ann["bbox"]
             cv2.rectangle(out, (round(x), round(y)), (round(x + w), round(y + h)), color, thickness)
     for point in dataset_dict.get("points", []):
         counts[point["category_id"]] += 1
         cv2.circle(out, tuple(round(v) for v in point["xy"]), 2 * thickness + 1, colors[point["category_id"]], -1)
-    draw_legend(out, [(f"{class_names[c]}: {counts[c]}", colors[c]) for c in range(len(class_names))])
-    return out
+    return with_legend(out, [(f"{class_names[c]}: {counts[c]}", colors[c]) for c in range(len(class_names))])
 
 
 def write_rgb(path: str | Path, image: np.ndarray, jpeg_quality: int = 90) -> Path:

@@ -44,11 +44,11 @@ def register_split(name: str, json_file: str | Path) -> dict:
 
 
 def register_datasets(data_cfg: Mapping) -> list[str]:
-    """Register every prepared split of a data config (``name``, ``prepared_dir``, ``split``) as
+    """Register every prepared split of a data config (``name``, ``prepared_dir``, ``prepare.split``) as
     ``{name}_{split}``, e.g. ``sample_wbc_train``; returns the registered names."""
     prepared = Path(data_cfg["prepared_dir"])
     return [register_split(f"{data_cfg['name']}_{split}", prepared / f"{split}.json")["name"]
-            for split in data_cfg["split"]]
+            for split in data_cfg["prepare"]["split"]]
 
 
 def registered() -> list[str]:

@@ -82,8 +82,8 @@ def clean(records: Sequence[ImageRecord]) -> tuple[list[ImageRecord], list[Skip]
             continue
         digest = file_hash(record.file_name)
         if digest in seen:
-            skips.append(Skip(record.source, record.file_name, None,
-                              f"duplicate of {seen[digest]} (same content)", "clean"))
+            skips.append(Skip(record.source, record.file_name, None, "duplicate image (same content as a kept one)",
+                              "clean", detail=f"same bytes as {seen[digest]}"))
             continue
         seen[digest] = record.file_name
         kept.append(record)
@@ -246,7 +246,7 @@ def summarize(splits: Mapping[str, Sequence[ImageRecord]], classes: Sequence[str
 
 
 def skips_table(skips: Sequence[Skip]) -> pd.DataFrame:
-    return pd.DataFrame([vars(s) for s in skips], columns=["stage", "source", "file_name", "region", "reason"])
+    return pd.DataFrame([vars(s) for s in skips], columns=["stage", "source", "file_name", "region", "reason", "detail"])
 
 
 def print_skip_summary(skips: Sequence[Skip], csv_path: Path) -> None:

@@ -61,3 +61,4 @@ class Skip:
     region: int | None  # region index in the source file, None for a whole image
     reason: str
     stage: str = "parse"
+    detail: str = ""  # e.g. which image a duplicate repeats; kept out of ``reason`` so reasons group

@@ -1,0 +1,96 @@
+"""``train(cfg)``: prepare data, fit any registered model in the one loop, evaluate on the test split."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from leukodet.data.catalog import get_dataset_dicts, get_metadata
+from leukodet.data.mapper import DatasetMapper
+from leukodet.data.pipeline import ensure_prepared
+from leukodet.engine.data import make_loader
+from leukodet.engine.module import DetectionModule
+from leukodet.io import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_checkpoint: Path
+    last_checkpoint: Path
+    best_metric: str
+    best_score: float | None
+
+
+def best_metric_name(train_cfg, box_only: bool) -> str:
+    name = train_cfg.best_metric
+    if name == "auto":
+        return "val/ap50_bbox" if box_only else "val/ap50_segm"
+    return name if name.startswith("val/") else f"val/{name}"
+
+
+def precision_for(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    return "16-mixed" if torch.cuda.is_available() else "32-true"
+
+
+def fit(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.data``'s train split, validating on val; resume if a
+    ``last.ckpt`` is in ``run_dir``. Returns the checkpoints written."""
+    from leukodet.evaluation.metrics import evaluate
+
+    run_dir = Path(run_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    ensure_prepared(cfg.data)
+    name = cfg.data.name
+    meta = get_metadata(f"{name}_train")
+    classes, box_only = meta["thing_classes"], meta["box_only"]
+    train_mapper = DatasetMapper(cfg.preprocess, cfg.augment, is_train=True)
+    eval_mapper = DatasetMapper(cfg.preprocess, None, is_train=False)
+    tcfg = cfg.train
+    train_loader = make_loader(get_dataset_dicts(f"{name}_train"), train_mapper, tcfg.batch_size, True,
+                               tcfg.num_workers, cfg.seed)
+    val_loader = make_loader(get_dataset_dicts(f"{name}_val"), eval_mapper, tcfg.batch_size, False,
+                             tcfg.num_workers, cfg.seed)
+
+    def evaluate_fn(records, predictions):
+        return evaluate(records, predictions, classes, min_confidence=cfg.eval.min_confidence).summary()
+
+    module = DetectionModule(OmegaConf.to_container(cfg.model, resolve=True),
+                             OmegaConf.to_container(tcfg, resolve=True), classes, box_only, evaluate_fn)
+    metric = best_metric_name(tcfg, box_only)
+    checkpoints = run_dir / "checkpoints"
+    best = ModelCheckpoint(checkpoints, filename="best", monitor=metric, mode="max", save_top_k=1,
+                           auto_insert_metric_name=False, enable_version_counter=False)
+    last = ModelCheckpoint(checkpoints, filename="last", every_n_train_steps=tcfg.checkpoint_every_steps,
+                           save_top_k=1, enable_version_counter=False)
+    trainer = L.Trainer(
+        default_root_dir=run_dir, max_steps=tcfg.max_steps, max_epochs=-1,
+        accelerator=tcfg.accelerator, devices=tcfg.devices, strategy=tcfg.strategy,
+        precision=precision_for(tcfg.precision), gradient_clip_val=tcfg.grad_clip,
+        val_check_interval=tcfg.steps_per_epoch, check_val_every_n_epoch=None,
+        limit_val_batches=tcfg.validation_steps or 1.0, num_sanity_val_steps=0,
+        log_every_n_steps=min(10, tcfg.steps_per_epoch),
+        logger=[CSVLogger(run_dir, name="logs", version=""), TensorBoardLogger(run_dir, name="tensorboard", version="")],
+        callbacks=[best, last, LearningRateMonitor("step")],
+    )
+    resume_from = checkpoints / "last.ckpt"
+    ckpt_path = str(resume_from) if tcfg.resume and resume_from.is_file() else None
+    if ckpt_path:
+        print(f"resuming from {ckpt_path}")
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
+    trainer.save_checkpoint(resume_from)  # the final state, whatever the step cadence
+    score = best.best_model_score
+    return TrainResult(run_dir, Path(best.best_model_path or resume_from), resume_from, metric,
+                       None if score is None else float(score))
