@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 
+import leukodet.models  # noqa: F401  (registers the adapters)
 from leukodet.registry import MODELS
 
 
