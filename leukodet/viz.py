@@ -72,3 +72,30 @@ def render_split(dataset_dicts: Sequence[dict], metadata: dict, out_dir: str | P
                                  metadata["thing_colors"])
         written.append(write_rgb(out_dir / f"{record['image_id']:05d}_{Path(record['file_name']).stem}.jpg", drawn))
     return written
+
+
+def draw_predictions(image: np.ndarray, prediction, class_names: Sequence[str],
+                     colors: Sequence[tuple[int, int, int]]) -> np.ndarray:
+    """``image`` with each predicted mask (tinted, outlined) or box in its class colour, class and
+    score beside it, and a legend strip of the counts per class."""
+    from pycocotools import mask as mask_utils
+
+    out = image.copy()
+    thickness = max(1, round(min(image.shape[:2]) / 300))
+    scale = max(0.35, min(image.shape[:2]) / 1200)
+    counts: Counter = Counter()
+    for k in range(len(prediction)):
+        label = int(prediction.labels[k])
+        color = colors[label]
+        counts[label] += 1
+        x0, y0, x1, y1 = (round(float(v)) for v in prediction.boxes[k])
+        if prediction.rles is not None:
+            mask = mask_utils.decode(prediction.rles[k])
+            out[mask > 0] = (0.6 * out[mask > 0] + 0.4 * np.array(color)).astype(np.uint8)
+            contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            cv2.drawContours(out, contours, -1, color, thickness)
+        else:
+            cv2.rectangle(out, (x0, y0), (x1, y1), color, thickness)
+        cv2.putText(out, f"{class_names[label]} {float(prediction.scores[k]):.2f}", (x0, max(10, y0 - 3)),
+                    cv2.FONT_HERSHEY_SIMPLEX, scale, color, 1, cv2.LINE_AA)
+    return with_legend(out, [(f"{class_names[c]}: {counts[c]}", colors[c]) for c in range(len(class_names))])

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 
 import leukodet.models  # noqa: F401  (registers the adapters)
+from leukodet.engine.predictor import predict_original
 from leukodet.registry import MODELS
 
 
@@ -39,7 +40,8 @@ class DetectionModule(L.LightningModule):
     def __init__(self, model_cfg: Mapping[str, Any], optim_cfg: Mapping[str, Any], class_names: Sequence[str],
                  box_only: bool, evaluate_fn=None):
         super().__init__()
-        self.save_hyperparameters({"model": dict(model_cfg), "optim": dict(optim_cfg),
+        # Saved in every checkpoint: enough to rebuild the model for evaluation and inference.
+        self.save_hyperparameters({"model_cfg": dict(model_cfg), "optim_cfg": dict(optim_cfg),
                                    "class_names": list(class_names), "box_only": box_only})
         self.adapter = MODELS.build(model_cfg, num_classes=len(class_names), masks=not box_only)
         self.optim_cfg = dict(optim_cfg)
@@ -64,8 +66,6 @@ class DetectionModule(L.LightningModule):
         self.adapter.eval()
         self.log("val/loss", sum(losses.values()), prog_bar=True, batch_size=len(batch), sync_dist=True)
         if self.evaluate_fn is not None:
-            from leukodet.engine.predictor import predict_original
-
             self._val_predictions.extend(predict_original(self.adapter, batch))
             self._val_records.extend(sample["record"] for sample in batch)
 

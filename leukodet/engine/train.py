@@ -15,8 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 from leukodet.data.catalog import get_dataset_dicts, get_metadata
 from leukodet.data.mapper import DatasetMapper
 from leukodet.data.pipeline import ensure_prepared
+from leukodet.engine.curves import plot_loss_curves
 from leukodet.engine.data import make_loader
+from leukodet.engine.evaluate import evaluate_split, load_detector
 from leukodet.engine.module import DetectionModule
+from leukodet.evaluation.metrics import evaluate
 from leukodet.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -47,8 +50,6 @@ def precision_for(setting: str) -> str:
 def fit(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data``'s train split, validating on val; resume if a
     ``last.ckpt`` is in ``run_dir``. Returns the checkpoints written."""
-    from leukodet.evaluation.metrics import evaluate
-
     run_dir = Path(run_dir)
     L.seed_everything(cfg.seed, workers=True)
     ensure_prepared(cfg.data)
@@ -94,3 +95,20 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     score = best.best_model_score
     return TrainResult(run_dir, Path(best.best_model_path or resume_from), resume_from, metric,
                        None if score is None else float(score))
+
+
+def train_and_evaluate(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
+    """The main job: fit, draw the loss curves, evaluate the best checkpoint on the test split."""
+    import time
+
+    start = time.perf_counter()
+    result = fit(cfg, run_dir)
+    metrics_csv = result.run_dir / "logs" / "metrics.csv"
+    if metrics_csv.is_file():
+        plot_loss_curves(metrics_csv, result.run_dir / "loss_curves.png")
+    module = load_detector(result.best_checkpoint)
+    evaluate_split(cfg, module, cfg.eval.split, result.run_dir)
+    print(f"best {result.best_metric} = {result.best_score} ({result.best_checkpoint.name}); "
+          f"total {time.perf_counter() - start:.0f} s")
+    print(f"results saved to {result.run_dir}")
+    return result

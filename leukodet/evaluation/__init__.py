@@ -1,0 +1,1 @@
+"""Evaluation: matching, the seed's metrics, COCO AP, sweeps and reports."""
