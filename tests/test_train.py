@@ -1,0 +1,88 @@
+"""The training loop: configs compose, a hard-killed run resumes on schedule, the default reaches its target."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from leukodet.engine.module import lr_factor
+from tests.conftest import REPO, compose
+
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "exp").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("exp", EXPERIMENTS)
+def test_every_experiment_composes(exp):
+    cfg = compose(f"+exp={exp}")
+    assert cfg.model.name and cfg.preprocess.steps and cfg.train.max_steps > 0
+
+
+def test_seed_arms_have_the_seed_values():
+    segmented, raw = compose("+exp=segmented"), compose("+exp=raw")
+    assert segmented.train.lr == raw.train.lr == 0.001
+    assert (segmented.eval.min_confidence, raw.eval.min_confidence) == (0.85, 0.70)
+    assert [s.name for s in segmented.preprocess.steps] == ["scale", "bilateral", "equalize", "green_threshold",
+                                                            "mask_and"]
+    assert segmented.model.min_confidence == 0.85  # the model's threshold follows eval's
+
+
+def test_schedule_shapes():
+    assert lr_factor(0, 10, 100, "cosine") == pytest.approx(0.1)
+    assert lr_factor(10, 10, 100, "cosine") == pytest.approx(1.0)
+    assert lr_factor(100, 10, 100, "cosine") == pytest.approx(0.0)
+    assert lr_factor(75, 0, 100, "step") == pytest.approx(0.1)
+    assert lr_factor(95, 0, 100, "step") == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="choose cosine, step or constant"):
+        lr_factor(5, 0, 10, "linear")
+
+
+def tiny_run_args(tmp_path, max_steps):
+    return [sys.executable, str(REPO / "tools" / "train.py"), f"data.root={tmp_path / 'data'}",
+            "data.generate.n_images=12", "+data.generate.width=256", "+data.generate.height=192",
+            f"train.max_steps={max_steps}", "train.steps_per_epoch=4", "train.checkpoint_every_steps=2",
+            "train.num_workers=0", "train.warmup_steps=2", "model.min_size=192", "model.max_size=256",
+            "model.weights=none", f"train.run_dir={tmp_path / 'run'}", f"paths.output_dir={tmp_path / 'outputs'}"]
+
+
+def test_hard_kill_then_resume_finishes_the_same_schedule(tmp_path):
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    process = subprocess.Popen(tiny_run_args(tmp_path, 10), cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if last.is_file() and torch.load(last, map_location="cpu", weights_only=False)["global_step"] >= 4:
+            break
+        time.sleep(0.5)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert 4 <= killed_at < 10
+
+    done = subprocess.run(tiny_run_args(tmp_path, 10), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stdout
+    final = torch.load(last, map_location="cpu", weights_only=False)
+    assert final["global_step"] == 10
+    # the learning rate continued the cosine schedule instead of restarting its warmup
+    lrs = pd.read_csv(tmp_path / "run" / "logs" / "metrics.csv").dropna(subset=["lr-SGD"])
+    resumed = lrs[lrs.step > killed_at]
+    for _, row in resumed.iterrows():
+        assert row["lr-SGD"] == pytest.approx(0.01 * lr_factor(int(row.step), 2, 10, "cosine"), rel=1e-4)
+    assert (tmp_path / "run" / "test_metrics.csv").is_file() and (tmp_path / "run" / "loss_curves.png").is_file()
+
+
+@pytest.mark.slow
+def test_default_short_schedule_reaches_ap50(tmp_path):
+    """The README main job's schedule on the generated sample: validation segm AP50 >= 0.8."""
+    from leukodet.engine.train import fit
+
+    cfg = compose(f"data.root={tmp_path / 'data'}", f"paths.output_dir={tmp_path}")
+    result = fit(cfg, tmp_path / "run")
+    assert result.best_metric == "val/ap50_segm" and result.best_score >= 0.8
