@@ -7,7 +7,7 @@ install:
 	$(PYTHON) -m pip install -q -e ".[test]"
 
 demo: install
-	$(PYTHON) tools/prepare.py
+	$(PYTHON) tools/train.py
 
 test: install
 	$(PYTHON) -m pytest

@@ -1,0 +1,35 @@
+"""The command-line tools, run as a user runs them (subprocess, Hydra overrides)."""
+
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def run_tool(*args, cwd=REPO):
+    done = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_make_sample_prepare_show_and_preview(tmp_path):
+    data = tmp_path / "sample"
+    out = run_tool(REPO / "tools/make_sample.py", "--out", data, "--n", "12", "--seed", "3")
+    assert "12 images" in out and (data / "via_region_data.json").is_file()
+    common = [f"data.root={data}", f"paths.output_dir={tmp_path / 'outputs'}"]
+    out = run_tool(REPO / "tools/prepare.py", *common)
+    assert "prepared 12 images" in out and "results saved to" in out
+    assert {p.name for p in (data / "prepared").iterdir()} >= {"train.json", "val.json", "test.json", "summary.csv",
+                                                              "skipped.csv"}
+    out = run_tool(REPO / "tools/show_dataset.py", *common, "+split=val", "+limit=2")
+    assert "2 images drawn" in out
+    assert len(list((tmp_path / "outputs").rglob("annotations/sample_wbc_val/*.jpg"))) == 2
+    out = run_tool(REPO / "tools/preview.py", *common, "+exp=segmented", "+n=2")
+    assert "2 panels" in out and len(list((tmp_path / "outputs").rglob("preview/*_steps.jpg"))) == 2
+
+
+def test_bad_config_names_key_value_and_choices(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "tools/prepare.py"), "data=nonexistent"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "data" in done.stderr and "nonexistent" in done.stderr and "sample_wbc" in done.stderr
