@@ -135,3 +135,9 @@ def test_min_confidence_filters_before_scoring():
     preds = [predictions([(10, 10, 0, 0.9), (90, 60, 0, 0.4)])]
     assert evaluate(records, preds, ["a"], min_confidence=0.5).table.loc["all"].precision == 1.0
     assert evaluate(records, preds, ["a"], min_confidence=0.0).table.loc["all"].precision == 0.5
+
+
+def test_empty_split_gives_undefined_not_a_crash():
+    result = evaluate([], [], ["lymphoblast", "other"])
+    assert result.table.loc["all"].tp == 0 and np.isnan(result.table.loc["all"].precision)
+    assert len(result.per_image) == 0

@@ -44,7 +44,7 @@ def test_schedule_shapes():
 
 def tiny_run_args(tmp_path, max_steps):
     return [sys.executable, str(REPO / "tools" / "train.py"), f"data.root={tmp_path / 'data'}",
-            "data.generate.n_images=12", "+data.generate.width=256", "+data.generate.height=192",
+            "data.generate.n_images=16", "+data.generate.width=256", "+data.generate.height=192",
             f"train.max_steps={max_steps}", "train.steps_per_epoch=4", "train.checkpoint_every_steps=2",
             "train.num_workers=0", "train.warmup_steps=2", "model.min_size=192", "model.max_size=256",
             "model.weights=none", f"train.run_dir={tmp_path / 'run'}", f"paths.output_dir={tmp_path / 'outputs'}"]

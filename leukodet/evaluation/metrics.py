@@ -100,17 +100,18 @@ def evaluate(dataset_dicts: Sequence[dict], predictions: Sequence[ImagePredictio
         predicted = np.bincount(pred.labels, minlength=num_classes)
         rows.append({"image": record["file_name"], **{f"true_{n}": int(true[i]) for i, n in enumerate(class_names)},
                      **{f"pred_{n}": int(predicted[i]) for i, n in enumerate(class_names)}})
-    per_image = pd.DataFrame(rows)
+    per_image = pd.DataFrame(rows, columns=["image", *(f"true_{n}" for n in class_names),
+                                            *(f"pred_{n}" for n in class_names)])
 
     table = {}
     for i, name in enumerate(class_names):
         table[name] = prf(totals["tp"][i], totals["fp"][i], totals["fn"][i])
-        error = per_image[f"pred_{name}"] - per_image[f"true_{name}"] if len(per_image) else pd.Series(dtype=float)
+        error = per_image[f"pred_{name}"] - per_image[f"true_{name}"]
         table[name].update(count_mae=float(error.abs().mean()), count_bias=float(error.mean()))
     table["all"] = prf(totals["tp"].sum(), totals["fp"].sum(), totals["fn"].sum())
     table["any_cell"] = prf(totals["any_tp"], totals["any_fp"], totals["any_fn"])
     all_error = sum(per_image[f"pred_{n}"] - per_image[f"true_{n}"] for n in class_names)
-    table["all"].update(count_mae=float(np.abs(all_error).mean()), count_bias=float(np.mean(all_error)))
+    table["all"].update(count_mae=float(all_error.abs().mean()), count_bias=float(all_error.mean()))
     table["any_cell"].update(count_mae=table["all"]["count_mae"], count_bias=table["all"]["count_bias"])
 
     gt = coco_ground_truth(dataset_dicts, class_names)

@@ -2,6 +2,6 @@
 
 from leukodet.preprocess import steps  # noqa: F401  (registers the steps)
 from leukodet.preprocess.chain import PreprocessChain
-from leukodet.preprocess.steps import PreprocessState
+from leukodet.preprocess.steps import PreprocessState, step
 
-__all__ = ["PreprocessChain", "PreprocessState"]
+__all__ = ["PreprocessChain", "PreprocessState", "step"]
