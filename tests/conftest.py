@@ -44,5 +44,7 @@ def compose(*overrides: str):
     """The project's Hydra config, composed as the tools compose it."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
+    import leukodet  # noqa: F401  (registers the typed config schemas)
+
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides))

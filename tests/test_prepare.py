@@ -49,6 +49,14 @@ def coco_raster(points, height, width):
     return mask_utils.decode(mask_utils.frPyObjects([points.reshape(-1).tolist()], height, width))[..., 0] > 0
 
 
+def test_pinned_split_holds_out_matching_paths():
+    records = records_with_groups(10, 2)
+    parts = split_records(records, {"train": 0.8, "val": 0.2}, seed=0, pinned={"test": r"patient0[0-2]/"})
+    assert sorted({r.group for r in parts["test"]}) == ["p0", "p1", "p2"]
+    assert len(parts["train"]) + len(parts["val"]) == 14 and not any(r.group in {"p0", "p1", "p2"}
+                                                                     for r in parts["train"] + parts["val"])
+
+
 def test_flip_mirrors_polygons_with_the_pixels(tmp_path):
     shape = np.array([[10.0, 5.0], [40.0, 8.0], [12.0, 37.0]])
     image = coco_raster(shape, 48, 64).astype(np.uint8) * 255

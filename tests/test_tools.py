@@ -33,3 +33,10 @@ def test_bad_config_names_key_value_and_choices(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "data" in done.stderr and "nonexistent" in done.stderr and "sample_wbc" in done.stderr
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "tools/train.py"), "train.max_steps=many"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "train.max_steps" in done.stderr and "many" in done.stderr

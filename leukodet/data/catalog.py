@@ -43,12 +43,18 @@ def register_split(name: str, json_file: str | Path) -> dict:
     return metadata
 
 
+def split_names(data_cfg: Mapping) -> list[str]:
+    """The splits a data config prepares: its ratio splits plus any pinned ones."""
+    prepare = data_cfg["prepare"]
+    return [*prepare["split"], *(s for s in (prepare.get("pinned") or {}) if s not in prepare["split"])]
+
+
 def register_datasets(data_cfg: Mapping) -> list[str]:
     """Register every prepared split of a data config (``name``, ``prepared_dir``, ``prepare.split``) as
     ``{name}_{split}``, e.g. ``sample_wbc_train``; returns the registered names."""
     prepared = Path(data_cfg["prepared_dir"])
     return [register_split(f"{data_cfg['name']}_{split}", prepared / f"{split}.json")["name"]
-            for split in data_cfg["prepare"]["split"]]
+            for split in split_names(data_cfg)]
 
 
 def registered() -> list[str]:

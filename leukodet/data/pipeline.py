@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from leukodet.data.catalog import register_datasets
+from leukodet.data.catalog import register_datasets, split_names
 from leukodet.data.prepare import SPLITS, Prepared, prepare_dataset
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,6 @@ def prepare_from_config(data_cfg: Mapping) -> Prepared:
 def ensure_prepared(data_cfg: Mapping) -> list[str]:
     """Prepare the dataset unless all its split files exist, then register it; returns split names."""
     prepared_dir = Path(data_cfg["prepared_dir"])
-    if not all((prepared_dir / f"{split}.json").is_file() for split in data_cfg["prepare"]["split"]):
+    if not all((prepared_dir / f"{split}.json").is_file() for split in split_names(data_cfg)):
         prepare_from_config(data_cfg)
     return register_datasets(data_cfg)

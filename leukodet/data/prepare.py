@@ -110,11 +110,19 @@ def assign_groups(records: Sequence[ImageRecord], group_regex: str | None) -> No
 # ---------------------------------------------------------------- split
 
 
-def split_records(records: Sequence[ImageRecord], ratios: Mapping[str, float], seed: int = 0
-                  ) -> dict[str, list[ImageRecord]]:
+def split_records(records: Sequence[ImageRecord], ratios: Mapping[str, float], seed: int = 0,
+                  pinned: Mapping[str, str] | None = None) -> dict[str, list[ImageRecord]]:
     """Seeded split by ``ratios`` (e.g. 0.7/0.2/0.1), grouped by ``record.group`` and stratified by
     the set of classes a group holds: within each stratum, each group goes to the split furthest
-    below its share."""
+    below its share. ``pinned`` maps a split to a regex over the path: matching images go there
+    first (e.g. hold out one scanner as the test set), the rest are split by ``ratios``."""
+    pinned_out: dict[str, list[ImageRecord]] = {name: [] for name in (pinned or {})}
+    rest = []
+    for record in records:
+        target = next((name for name, pattern in (pinned or {}).items()
+                       if re.search(pattern, Path(record.file_name).as_posix())), None)
+        (pinned_out[target] if target else rest).append(record)
+    records = rest
     total = sum(ratios.values())
     shares = {name: ratios[name] / total for name in ratios}
     groups: dict[str, list[ImageRecord]] = {}
@@ -136,8 +144,10 @@ def split_records(records: Sequence[ImageRecord], ratios: Mapping[str, float], s
             target = max(shares, key=lambda s: shares[s] * done - placed[s])
             placed[target] += size
             out[target].extend(groups[gid])
+    for name, part in pinned_out.items():
+        out.setdefault(name, []).extend(part)
     for name, part in out.items():
-        if not part and shares[name] > 0:
+        if not part and shares.get(name, 0) > 0:
             logger.warning("split %r is empty: too few groups (%d) for the ratios %s", name, len(groups), dict(ratios))
     return out
 
@@ -261,7 +271,8 @@ def print_skip_summary(skips: Sequence[Skip], csv_path: Path) -> None:
 def prepare_dataset(sources: Sequence[Mapping[str, Any]], out_dir: str | Path, classes: Sequence[str] | None = None,
                     class_attribute: str = "class", class_map: Mapping[str, str | None] | None = None,
                     unmapped: str = "error", group_regex: str | None = None,
-                    split: Mapping[str, float] | None = None, seed: int = 0,
+                    split: Mapping[str, float] | None = None, pinned: Mapping[str, str] | None = None,
+                    seed: int = 0,
                     flips: Sequence[str] = ("x", "y", "xy"), balance: bool = False, target_ratio: float = 1.0,
                     scale: float = 1.0) -> Prepared:
     """Run the whole preparation and write ``out_dir/{train,val,test}.json``, ``summary.csv``
@@ -279,7 +290,7 @@ def prepare_dataset(sources: Sequence[Mapping[str, Any]], out_dir: str | Path, c
                          "or map them in 'class_map'")
     assign_groups(records, group_regex)
     ratios = dict(split or {"train": 0.7, "val": 0.2, "test": 0.1})
-    parts = split_records(records, ratios, seed)
+    parts = split_records(records, ratios, seed, pinned)
     summary = [summarize(parts, classes, "split")]
 
     image_dir = out_dir / "images"

@@ -1,0 +1,53 @@
+"""Typed schemas for the config groups whose values the loop uses directly, so that a wrong type
+fails at composition with the key and the value (Hydra/OmegaConf validate against these)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class TrainSchema:
+    max_steps: int = 200
+    batch_size: int = 2
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0001
+    warmup_steps: int = 20
+    schedule: str = "cosine"
+    milestones: list[float] = field(default_factory=lambda: [0.7, 0.9])
+    gamma: float = 0.1
+    grad_clip: Optional[float] = 10.0
+    steps_per_epoch: int = 100
+    validation_steps: Optional[int] = None
+    checkpoint_every_steps: int = 25
+    best_metric: str = "auto"
+    num_workers: int = 1
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    strategy: str = "auto"
+    precision: str = "auto"
+    resume: bool = True
+    run_dir: Optional[str] = None
+
+
+@dataclass
+class EvalSchema:
+    min_confidence: float = 0.5
+    nms: float = 0.5
+    max_detections: int = 300
+    iou_threshold: float = 0.5
+    split: str = "test"
+
+
+def register_schemas() -> None:
+    store = ConfigStore.instance()
+    store.store(group="train", name="schema", node=TrainSchema)
+    store.store(group="eval", name="schema", node=EvalSchema)
+
+
+register_schemas()
