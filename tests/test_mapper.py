@@ -1,5 +1,4 @@
-"""The one mapper: masks and boxes stay pixel-aligned through augmentation; train = infer pixels."""
-
+"""The one mapper: masks, boxes and points stay pixel-aligned through augmentation; train = infer pixels."""
 
 import cv2
 import numpy as np
@@ -7,9 +6,11 @@ import pytest
 import torch
 
 from leukodet.data.coco import load_dataset_dicts, write_coco
-from leukodet.data.mapper import DatasetMapper
+from leukodet.data.mapper import DatasetMapper, rasterize
 from leukodet.data.via import LabelPolicy, read_via
 from tests.conftest import compose
+
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
 
 
 @pytest.fixture(scope="module")
@@ -22,78 +23,101 @@ def sample_dicts(wbc_sample, tmp_path_factory):
 
 @pytest.fixture
 def coloured_shapes(tmp_path):
-    """An image where each instance is painted in its own pure colour, so its mask can be checked
-    against the pixels after any geometric transform."""
+    """Each instance painted in its own pure colour (the last one a 4x4 square in the corner), and
+    a point on one marked pixel, so masks, boxes and points can be checked against the pixels
+    after any geometric transform."""
     image = np.zeros((60, 90, 3), np.uint8)
-    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
-    polygons = [[5, 5, 30, 5, 30, 20, 5, 20], [50, 10, 80, 30, 55, 50], [10, 35, 40, 35, 25, 55]]
+    polygons = [[5, 5, 30, 5, 30, 20, 5, 20], [50, 10, 80, 30, 55, 50], [10, 35, 40, 35, 25, 55], [1, 1, 5, 1, 5, 5, 1, 5]]
     annotations = []
-    from leukodet.data.mapper import rasterize
-
-    for i, (poly, colour) in enumerate(zip(polygons, colours)):
-        image[rasterize([poly], 60, 90) > 0] = colour
+    for i, poly in enumerate(polygons):
+        image[rasterize([poly], 60, 90) > 0] = COLOURS[i]
         xs, ys = poly[0::2], poly[1::2]
         annotations.append({"bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)], "bbox_mode": 1,
                             "segmentation": [poly], "category_id": i, "iscrowd": 0})
+    image[44, 70] = (255, 255, 255)
     cv2.imwrite(str(tmp_path / "shapes.png"), image[..., ::-1])
     return {"file_name": str(tmp_path / "shapes.png"), "image_id": 1, "height": 60, "width": 90,
-            "annotations": annotations, "points": []}, colours
+            "annotations": annotations, "points": [{"xy": [70.5, 44.5], "category_id": 1}]}
 
 
-@pytest.mark.parametrize("transform", ["hflip", "vflip", "rot90"])
-def test_geometric_augmentation_keeps_masks_on_their_pixels(coloured_shapes, transform):
-    record, colours = coloured_shapes
-    mapper = DatasetMapper({"steps": []}, {"transforms": [{"name": transform, "p": 1.0}]}, is_train=True)
+def assert_aligned(sample, n_expected):
+    image = sample["image"].permute(1, 2, 0).numpy()
+    inst = sample["instances"]
+    assert len(inst["labels"]) == len(inst["boxes"]) == len(inst["masks"]) == n_expected
+    for mask, box, label in zip(inst["masks"], inst["boxes"], inst["labels"]):
+        painted = (image == COLOURS[label]).all(axis=2)
+        assert np.array_equal(mask.numpy() > 0, painted)  # exact, pixel for pixel
+        ys, xs = np.nonzero(painted)
+        assert box.tolist() == pytest.approx([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], abs=1.0)
+    ys, xs = np.nonzero((image == 255).all(axis=2))
+    assert sample["points"].tolist() == [[xs[0] + 0.5, ys[0] + 0.5]] and sample["point_labels"].tolist() == [1]
+
+
+@pytest.mark.parametrize("transforms", [
+    [{"name": "hflip", "p": 1.0}], [{"name": "vflip", "p": 1.0}], [{"name": "rot90", "p": 1.0}],
+    [{"name": "hflip"}, {"name": "vflip"}, {"name": "rot90"}],
+])
+def test_flips_and_quarter_turns_keep_masks_boxes_and_points_on_their_pixels(coloured_shapes, transforms):
+    mapper = DatasetMapper({"steps": []}, {"transforms": transforms}, is_train=True)
     torch.manual_seed(0)
-    for _ in range(3):
-        sample = mapper(record)
-        image = sample["image"].permute(1, 2, 0).numpy()
-        inst = sample["instances"]
-        assert len(inst["labels"]) == 3
-        for mask, box, label in zip(inst["masks"], inst["boxes"], inst["labels"]):
-            painted = (image == colours[label]).all(axis=2)
-            assert np.array_equal(mask.numpy() > 0, painted)  # exact, pixel for pixel
-            ys, xs = np.nonzero(painted)
-            assert box.tolist() == pytest.approx([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], abs=1.0)
+    for _ in range(4):
+        assert_aligned(mapper(coloured_shapes), 4)
 
 
-def test_scale_jitter_and_colour_keep_instances_aligned(sample_dicts):
+def test_instances_pushed_off_the_canvas_are_removed_together(coloured_shapes):
+    mapper = DatasetMapper(None, [{"name": "scale_jitter", "scale_range": [1.3, 1.3], "p": 1.0}], is_train=True)
+    inst = mapper(coloured_shapes)["instances"]
+    assert inst["labels"].tolist() == [0, 1, 2]  # the corner square left the canvas
+    assert len(inst["boxes"]) == len(inst["masks"]) == 3
+    for mask, box in zip(inst["masks"], inst["boxes"]):
+        ys, xs = np.nonzero(mask.numpy())
+        assert box.tolist() == pytest.approx([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], abs=1.5)
+
+
+def test_default_augmentation_keeps_instances_aligned(sample_dicts):
     mapper = DatasetMapper({"steps": []}, compose().augment, is_train=True)
     torch.manual_seed(1)
     for record in sample_dicts[:4]:
         sample = mapper(record)
         inst = sample["instances"]
-        assert inst["masks"].shape[0] == inst["boxes"].shape[0] == inst["labels"].shape[0]
+        assert inst["masks"].shape[0] == inst["boxes"].shape[0] == inst["labels"].shape[0] > 0
         assert inst["masks"].shape[1:] == sample["image"].shape[1:]
         for mask, box in zip(inst["masks"], inst["boxes"]):
             ys, xs = np.nonzero(mask.numpy())
-            if len(xs):
-                assert box.tolist() == pytest.approx([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], abs=2.5)
+            assert box.tolist() == pytest.approx([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], abs=2.5)
 
 
 def test_training_mapper_and_inference_path_give_the_same_pixels(sample_dicts):
-    cfg = compose("+exp=segmented", "augment=none")
+    cfg = compose("+exp=segmented", "augment=none", "preprocess.steps.0.factor=0.5")
     train = DatasetMapper(cfg.preprocess, cfg.augment, is_train=True)
-    infer = DatasetMapper(cfg.preprocess, None, is_train=False)
+    infer = DatasetMapper(cfg.preprocess, compose().augment, is_train=False)  # augmentation ignored
     for record in sample_dicts[:3]:
         assert torch.equal(train(record)["image"], infer.map_image(record["file_name"])["image"])
 
 
 def test_sample_fields_and_scaled_annotations(sample_dicts):
-    mapper = DatasetMapper({"steps": [{"name": "scale", "factor": 0.5}]})
     record = sample_dicts[0]
-    sample = mapper(record)
-    assert sample["image"].dtype == torch.uint8 and sample["image"].shape == (3, 192, 256)
-    assert sample["scale"] == (0.5, 0.5) and (sample["orig_width"], sample["orig_height"]) == (512, 384)
+    sample = DatasetMapper({"steps": [{"name": "scale", "factor": 0.25}]})(record)  # a reduced JPEG decode
+    assert sample["image"].dtype == torch.uint8 and sample["image"].shape == (3, 96, 128)
+    assert sample["scale"] == pytest.approx((0.25, 0.25)) and (sample["orig_width"], sample["orig_height"]) == (512, 384)
+    inst = sample["instances"]
+    assert inst["boxes"].dtype == torch.float32 and inst["labels"].dtype == torch.int64
+    assert inst["masks"].dtype == torch.uint8 and inst["masks"].shape[1:] == (96, 128)
     x, y, w, h = record["annotations"][0]["bbox"]
-    assert sample["instances"]["boxes"][0].tolist() == pytest.approx([x / 2, y / 2, (x + w) / 2, (y + h) / 2])
+    assert inst["boxes"][0].tolist() == pytest.approx([x / 4, y / 4, (x + w) / 4, (y + h) / 4])
     full = DatasetMapper({"steps": []})(record)["instances"]["masks"][0].sum().item()
-    assert sample["instances"]["masks"][0].sum().item() == pytest.approx(full / 4, rel=0.1)
-    assert sample["record"] is record
+    assert inst["masks"][0].sum().item() == pytest.approx(full / 16, rel=0.15)
+    assert sample["record"] is record and sample["image_id"] == record["image_id"]
 
 
-def test_box_only_records_have_no_masks(sample_dicts):
-    record = {**sample_dicts[0], "box_only": True,
-              "annotations": [{k: v for k, v in a.items() if k != "segmentation"} for a in sample_dicts[0]["annotations"]]}
-    sample = DatasetMapper({"steps": []}, compose().augment, is_train=True)(record)
-    assert sample["instances"]["masks"] is None and len(sample["instances"]["boxes"]) > 0
+def test_box_only_and_polygon_free_records_have_no_masks(sample_dicts):
+    boxes_only = [{k: v for k, v in a.items() if k != "segmentation"} for a in sample_dicts[0]["annotations"]]
+    mapper = DatasetMapper({"steps": []}, compose().augment, is_train=True)
+    for record in ({**sample_dicts[0], "box_only": True}, {**sample_dicts[0], "annotations": boxes_only}):
+        sample = mapper(record)
+        assert sample["instances"]["masks"] is None and len(sample["instances"]["boxes"]) > 0
+    mixed = {**sample_dicts[0], "annotations": [sample_dicts[0]["annotations"][0], *boxes_only]}
+    with pytest.raises(ValueError, match="annotation 1 has no segmentation"):
+        mapper(mixed)
+    empty = DatasetMapper(None).map_image(sample_dicts[0]["file_name"])["instances"]
+    assert empty["masks"].shape == (0, 384, 512) and empty["boxes"].shape == (0, 4)

@@ -86,3 +86,16 @@ def test_default_short_schedule_reaches_ap50(tmp_path):
     cfg = compose(f"data.root={tmp_path / 'data'}", f"paths.output_dir={tmp_path}")
     result = fit(cfg, tmp_path / "run")
     assert result.best_metric == "val/ap50_segm" and result.best_score >= 0.8
+
+
+@pytest.mark.slow
+def test_ddp_with_two_cpu_processes(tmp_path):
+    """Lightning's DDP strategy, gloo backend, 2 CPU processes: trains, validates on the gathered
+    predictions of both ranks, and evaluates."""
+    args = tiny_run_args(tmp_path, 4) + ["train.accelerator=cpu", "train.devices=2", "train.strategy=ddp"]
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu",
+                      weights_only=False)["global_step"] == 4
+    metrics = pd.read_csv(tmp_path / "run" / "logs" / "metrics.csv")
+    assert metrics["val/ap50_segm"].notna().any()

@@ -81,7 +81,6 @@ class DatasetMapper:
 
     def __call__(self, record: Mapping) -> dict:
         state, _ = self.chain.run_on_file(record["file_name"])
-        height, width = state.image.shape[:2]
         annotations = record.get("annotations", [])
         boxes = np.zeros((len(annotations), 4), np.float32)
         for i, ann in enumerate(annotations):

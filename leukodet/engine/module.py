@@ -70,9 +70,17 @@ class DetectionModule(L.LightningModule):
             self._val_records.extend(sample["record"] for sample in batch)
 
     def on_validation_epoch_end(self) -> None:
-        if self.evaluate_fn is None or not self._val_records:
+        if self.evaluate_fn is None:
             return
-        metrics = self.evaluate_fn(self._val_records, self._val_predictions)
+        records, predictions = self._val_records, self._val_predictions
+        if self.trainer.world_size > 1:  # DDP: every rank scores the whole split, so all log the same
+            shards = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(shards, (records, predictions))
+            records = [r for shard_records, _ in shards for r in shard_records]
+            predictions = [p for _, shard_predictions in shards for p in shard_predictions]
+        if not records:
+            return
+        metrics = self.evaluate_fn(records, predictions)
         self.log_dict({f"val/{k}": float(v) for k, v in metrics.items()}, prog_bar=False)
         self._val_records, self._val_predictions = [], []
 

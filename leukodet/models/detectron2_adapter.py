@@ -58,8 +58,13 @@ class Detectron2Detector(DetectorAdapter):
         return inputs
 
     def losses(self, batch: list[dict]) -> dict[str, torch.Tensor]:
+        from detectron2.utils.events import EventStorage
+
         self.model.train()
-        return self.model(self._inputs(batch, True))
+        # detectron2 models log training statistics into an EventStorage, which its own trainer
+        # opens; here the Lightning loop drives, so one is opened per step.
+        with EventStorage():
+            return self.model(self._inputs(batch, True))
 
     @torch.no_grad()
     def predict(self, batch: list[dict]) -> list[Detections]:

@@ -106,7 +106,7 @@ def scale(state: PreprocessState, factor: float | None = None, max_size: int | N
 
 
 @step("bilateral")
-def bilateral(state: PreprocessState, diameter: int = 9, sigma_color: float = 75,
+def bilateral(state: PreprocessState, diameter: int = 5, sigma_color: float = 75,
               sigma_space: float = 75) -> PreprocessState:
     """Edge-preserving smoothing: flattens stain noise but keeps cell borders sharp."""
     state.image = cv2.bilateralFilter(state.image, int(diameter), sigma_color, sigma_space)
