@@ -6,7 +6,7 @@ segmentation_wbc_cross: lymphocyte vs other WBC (the closest public proxy of lym
 non-lymphoblast), trained on dataset1 + dataset2 001-030, tested on dataset2 031-060.
 bccd: WBC / RBC / platelet boxes in crowded fields (box-only: scored on boxes).
 Prints one row per (dataset, arm) with test AP50, F1, count MAE and the training time; writes
-the table to outputs/bench/real_training.csv.
+the table to outputs/bench/real_training_<datasets>_<arms>.csv.
 """
 
 from __future__ import annotations
@@ -39,11 +39,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--datasets", nargs="+", default=["segmentation_wbc_cross", "bccd"])
+    parser.add_argument("--arms", nargs="+", default=["raw", "segmented"])
     parser.add_argument("--out", default=str(REPO / "outputs" / "bench"))
     args = parser.parse_args()
     rows = []
     for dataset in args.datasets:
-        for arm in ("raw", "segmented"):
+        for arm in args.arms:
             run_dir = Path(args.out) / f"{dataset}_{arm}"
             cfg = compose(f"data={dataset}", f"preprocess={arm}", f"train.max_steps={args.steps}",
                           f"train.steps_per_epoch={args.steps // 3}", "train.resume=false",
@@ -59,7 +60,7 @@ def main() -> None:
                          **{k: v for k, v in summary.items() if k.startswith("count_mae_")}})
     table = pd.DataFrame(rows)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    table.to_csv(Path(args.out) / "real_training.csv", index=False)
+    table.to_csv(Path(args.out) / f"real_training_{'_'.join(args.datasets)}_{'_'.join(args.arms)}.csv", index=False)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
 
