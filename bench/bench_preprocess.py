@@ -2,7 +2,7 @@
 and the mapper's sample rate with training augmentation against the model's CPU training step
 rate. Prints ratios measured in this run (absolute times depend on the machine).
 
-    python bench/bench_preprocess.py [--repeats 7]
+    python bench/bench_preprocess.py [--repeats 7] [--bilateral-diameter 9]
 
 The JPEG is a real smear photo (../shared/datasets/bccd) upscaled with cubic interpolation plus
 mild noise, saved at quality 95 in a temp folder (never in the repo); a generated smear stands in
@@ -27,7 +27,7 @@ from leukodet.preprocess import PreprocessChain
 
 REPO = Path(__file__).resolve().parents[1]
 BCCD_PHOTO = REPO.parent / "shared" / "datasets" / "bccd" / "JPEGImages" / "BloodImage_00000.jpg"
-SEGMENTED = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "preprocess" / "segmented.yaml"))["steps"]
+SEGMENTED = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "preprocess" / "segmented.yaml"), resolve=True)["steps"]
 FILTERS = SEGMENTED[1:]  # everything after the scale step
 FULL, SMALL = (4100, 3075), (820, 615)  # the seed's images and its 0.2 scale
 
@@ -63,9 +63,9 @@ def make_large_jpeg(folder: Path) -> Path:
     return path
 
 
-def bench_chain(path: Path, repeats: int) -> None:
-    chain = PreprocessChain([{"name": "scale", "factor": SMALL[0] / FULL[0]}, *FILTERS])
-    filters = PreprocessChain(FILTERS)
+def bench_chain(path: Path, filter_steps: list[dict], repeats: int) -> None:
+    chain = PreprocessChain([{"name": "scale", "factor": SMALL[0] / FULL[0]}, *filter_steps])
+    filters = PreprocessChain(filter_steps)
 
     def full_decode():
         return cv2.imdecode(np.fromfile(str(path), np.uint8), cv2.IMREAD_COLOR)
@@ -90,7 +90,7 @@ def bench_chain(path: Path, repeats: int) -> None:
     print(f"(c) / chain = {t_c / t_chain:.1f}  (goal >= 10)")
 
 
-def bench_loader_vs_model(folder: Path, large_jpeg: Path, repeats: int) -> None:
+def bench_loader_vs_model(folder: Path, large_jpeg: Path, filter_steps: list[dict], repeats: int) -> None:
     import leukodet.models  # noqa: F401  (registers the models)
     from leukodet.data.coco import load_dataset_dicts, write_coco
     from leukodet.data.mapper import DatasetMapper
@@ -106,7 +106,7 @@ def bench_loader_vs_model(folder: Path, large_jpeg: Path, repeats: int) -> None:
 
     mappers = {arm: DatasetMapper(OmegaConf.load(REPO / "conf" / "preprocess" / f"{arm}.yaml"), augment, is_train=True)
                for arm in ("raw", "segmented")}
-    large = DatasetMapper({"steps": [{"name": "scale", "factor": 0.2}, *FILTERS]}, augment, is_train=True)
+    large = DatasetMapper({"steps": [{"name": "scale", "factor": 0.2}, *filter_steps]}, augment, is_train=True)
     # one thread each, as in a DataLoader worker (PyTorch sets 1 there; OpenCV should be set alike)
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -143,8 +143,14 @@ def bench_loader_vs_model(folder: Path, large_jpeg: Path, repeats: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--bilateral-diameter", type=int, default=None,
+                        help="override the config's bilateral diameter (the issue's figures used 9)")
     args = parser.parse_args()
+    filter_steps = [{**spec, "diameter": args.bilateral_diameter}
+                    if spec["name"] == "bilateral" and args.bilateral_diameter else spec for spec in FILTERS]
+    print("filters:", ", ".join(f"{s['name']}({', '.join(f'{k}={v}' for k, v in s.items() if k != 'name')})"
+                                for s in filter_steps))
     with tempfile.TemporaryDirectory() as tmp:
         jpeg = make_large_jpeg(Path(tmp))
-        bench_chain(jpeg, args.repeats)
-        bench_loader_vs_model(Path(tmp), jpeg, args.repeats)
+        bench_chain(jpeg, filter_steps, args.repeats)
+        bench_loader_vs_model(Path(tmp), jpeg, filter_steps, args.repeats)

@@ -42,6 +42,9 @@ class EvalSchema:
     max_detections: int = 300
     iou_threshold: float = 0.5
     split: str = "test"
+    sweep_min_confidence: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])
+    sweep_nms: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.5])
+    sweep_metric: str = "f1"
 
 
 def register_schemas() -> None:

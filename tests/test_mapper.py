@@ -88,7 +88,7 @@ def test_default_augmentation_keeps_instances_aligned(sample_dicts):
 
 
 def test_training_mapper_and_inference_path_give_the_same_pixels(sample_dicts):
-    cfg = compose("+exp=segmented", "augment=none", "preprocess.steps.0.factor=0.5")
+    cfg = compose("+exp=segmented", "augment=none", "preprocess.scale=0.5")
     train = DatasetMapper(cfg.preprocess, cfg.augment, is_train=True)
     infer = DatasetMapper(cfg.preprocess, compose().augment, is_train=False)  # augmentation ignored
     for record in sample_dicts[:3]:

@@ -123,6 +123,13 @@ def test_preview_panels_show_every_step(wbc_sample, tmp_path):
     assert read_image(written[0]).shape[0] == 64 + 24
 
 
+@pytest.mark.parametrize("arm", ["raw", "segmented"])
+def test_one_scale_key_sets_the_scale_step(arm):
+    assert PreprocessChain(compose(f"preprocess={arm}").preprocess).steps[0][2] == {"factor": 1.0}
+    chain = PreprocessChain(compose(f"preprocess={arm}", "preprocess.scale=0.2").preprocess)
+    assert chain.steps[0][0] == "scale" and chain.steps[0][2] == {"factor": 0.2}
+
+
 def test_bad_chain_configs_fail_when_built():
     with pytest.raises(RegistryError, match="Did you mean 'bilateral'"):
         PreprocessChain([{"name": "bilaterl"}])

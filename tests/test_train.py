@@ -77,6 +77,18 @@ def test_hard_kill_then_resume_finishes_the_same_schedule(tmp_path):
         assert row["lr-SGD"] == pytest.approx(0.01 * lr_factor(int(row.step), 2, 10, "cosine"), rel=1e-4)
     assert (tmp_path / "run" / "test_metrics.csv").is_file() and (tmp_path / "run" / "loss_curves.png").is_file()
 
+    # evaluate the checkpoint: a sweep writes thresholds.json, a multirun re-filters the same cache
+    evaluate = [sys.executable, str(REPO / "tools" / "evaluate.py"), f"ckpt={last}", f"paths.output_dir={tmp_path / 'ev'}",
+                "eval.split=val"]
+    done = subprocess.run(evaluate + ["sweep=true", "eval.sweep_min_confidence=[0.1,0.5]", "eval.sweep_nms=[0.3]"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (last.parent / "thresholds.json").is_file() and len(list((last.parent / "cache").glob("raw_val_*.pkl"))) == 1
+    done = subprocess.run(evaluate[:2] + ["-m", *evaluate[2:], "eval.min_confidence=0.1,0.5"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("results saved to") == 2 and "cached raw predictions" not in done.stdout
+
 
 @pytest.mark.slow
 def test_default_short_schedule_reaches_ap50(tmp_path):

@@ -30,8 +30,11 @@ REDUCED_FLAGS = {factor: flag | cv2.IMREAD_IGNORE_ORIENTATION for factor, flag i
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-class ImageReadError(ValueError):
-    """An image file that is missing, not an image, or corrupt; the message names the file."""
+class ImageReadError(ValueError, OSError):
+    """An image file that is missing, not an image, or corrupt; the message names the file.
+
+    Both a ValueError (bad content) and an OSError (a file that cannot be read), so callers that
+    catch either keep working."""
 
 
 def _file_bytes(path: Path) -> np.ndarray:
