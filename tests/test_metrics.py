@@ -141,3 +141,15 @@ def test_empty_split_gives_undefined_not_a_crash():
     result = evaluate([], [], ["lymphoblast", "other"])
     assert result.table.loc["all"].tp == 0 and np.isnan(result.table.loc["all"].precision)
     assert len(result.per_image) == 0
+
+
+def test_report_files_and_pr_curves(tmp_path):
+    from leukodet.evaluation.report import save_report
+
+    records = [record([(10, 10, 0), (60, 40, 1)])]
+    result = evaluate(records, [predictions([(10, 10, 0, 0.9), (60, 40, 1, 0.8), (120, 80, 1, 0.3)])], ["a", "b"])
+    assert result.pr_curves["segm"].shape == (2, 101)
+    assert result.pr_curves["segm"][0][0] == pytest.approx(1.0)  # class a: first recall point at precision 1
+    save_report(result, tmp_path, prefix="val_")
+    for name in ("metrics.csv", "metrics.json", "counts_per_image.csv", "confusion.png", "pr_curves.png"):
+        assert (tmp_path / f"val_{name}").stat().st_size > 0

@@ -52,13 +52,14 @@ def coco_results(predictions: Sequence, iou_type: str) -> list[dict]:
 def coco_ap(gt: COCO, predictions: Sequence, iou_type: str, num_classes: int, max_dets: int = MIN_MAX_DETS
             ) -> dict[str, np.ndarray]:
     """AP at IoU 0.5 and AP over IoU 0.50:0.95 per class (NaN where a class has no ground truth),
-    read from COCOeval's precision array at the largest maxDets (``summarize`` hard-codes 100)."""
+    read from COCOeval's precision array at the largest maxDets (``summarize`` hard-codes 100),
+    and ``pr50``: each class's precision at the 101 COCO recall points at IoU 0.5 (-1 = none)."""
     results = coco_results(predictions, iou_type)
     nan = np.full(num_classes, np.nan)
     if not results:
         has_gt = np.array([len(gt.getAnnIds(catIds=[c + 1])) > 0 for c in range(num_classes)])
         zeros = np.where(has_gt, 0.0, np.nan)
-        return {"ap50": zeros, "ap": zeros.copy()}
+        return {"ap50": zeros, "ap": zeros.copy(), "pr50": np.full((num_classes, 101), -1.0)}
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes(results)
         evaluator = COCOeval(gt, dt, iou_type)
@@ -74,4 +75,4 @@ def coco_ap(gt: COCO, predictions: Sequence, iou_type: str, num_classes: int, ma
         every = precision[:, :, c, 0, -1]
         if (every > -1).any():
             ap[c] = every[every > -1].mean()
-    return {"ap50": ap50, "ap": ap}
+    return {"ap50": ap50, "ap": ap, "pr50": precision[0, :, :, 0, -1].T.copy()}

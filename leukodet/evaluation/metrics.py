@@ -55,6 +55,7 @@ class EvaluationResult:
     class_names: list[str]
     iou_type: str
     extras: dict
+    pr_curves: dict  # {"bbox"|"segm": (C, 101) precision at COCO's recall points, IoU 0.5}
 
     def summary(self) -> dict[str, float]:
         """Headline numbers, flat (what the training loop logs and sweeps rank by)."""
@@ -115,8 +116,10 @@ def evaluate(dataset_dicts: Sequence[dict], predictions: Sequence[ImagePredictio
     table["any_cell"].update(count_mae=table["all"]["count_mae"], count_bias=table["all"]["count_bias"])
 
     gt = coco_ground_truth(dataset_dicts, class_names)
+    pr_curves = {}
     for kind in (["bbox", "segm"] if iou_type == "segm" else ["bbox"]):
         ap = coco_ap(gt, predictions, kind, num_classes)
+        pr_curves[kind] = ap["pr50"]
         for i, name in enumerate(class_names):
             table[name][f"ap50_{kind}"], table[name][f"ap_{kind}"] = ap["ap50"][i], ap["ap"][i]
         table["all"][f"ap50_{kind}"], table["all"][f"ap_{kind}"] = np.nanmean(ap["ap50"]), np.nanmean(ap["ap"])
@@ -128,7 +131,7 @@ def evaluate(dataset_dicts: Sequence[dict], predictions: Sequence[ImagePredictio
     extras["count_accuracy"] = count_accuracy(per_image, class_names)
     frame = pd.DataFrame.from_dict(table, orient="index")
     frame.index.name = "class"
-    return EvaluationResult(frame, per_image, totals["confusion"], class_names, iou_type, extras)
+    return EvaluationResult(frame, per_image, totals["confusion"], class_names, iou_type, extras, pr_curves)
 
 
 def lymphoblast_share_errors(per_image: pd.DataFrame, class_names: Sequence[str]) -> dict[str, float]:

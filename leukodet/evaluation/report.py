@@ -39,9 +39,27 @@ def plot_confusion(result: EvaluationResult, path: Path) -> Path:
     return path
 
 
+def plot_pr_curves(result: EvaluationResult, path: Path) -> Path:
+    """Precision-recall per class at IoU 0.5 (COCO's 101 recall points), one panel per IoU type."""
+    kinds = list(result.pr_curves)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), squeeze=False)
+    recall = np.linspace(0, 1, 101)
+    for ax, kind in zip(axes[0], kinds):
+        for name, precision in zip(result.class_names, result.pr_curves[kind]):
+            valid = precision > -1
+            if valid.any():
+                ax.plot(recall[valid], precision[valid], label=name)
+        ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=f"{kind} PR at IoU 0.5")
+        ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def save_report(result: EvaluationResult, out_dir: str | Path, prefix: str = "") -> Path:
-    """Write ``metrics.csv``, ``metrics.json`` (table + summary), ``counts_per_image.csv`` and
-    ``confusion.png`` into ``out_dir``."""
+    """Write ``metrics.csv``, ``metrics.json`` (table + summary), ``counts_per_image.csv``,
+    ``confusion.png`` and ``pr_curves.png`` into ``out_dir``."""
     out_dir = Path(out_dir)
     atomic_write_text(out_dir / f"{prefix}metrics.csv", result.table.to_csv())
     payload = {"iou_type": result.iou_type, "summary": result.summary(),
@@ -49,4 +67,5 @@ def save_report(result: EvaluationResult, out_dir: str | Path, prefix: str = "")
     atomic_write_text(out_dir / f"{prefix}metrics.json", json.dumps(payload, indent=2))
     atomic_write_text(out_dir / f"{prefix}counts_per_image.csv", result.per_image.to_csv(index=False))
     plot_confusion(result, out_dir / f"{prefix}confusion.png")
+    plot_pr_curves(result, out_dir / f"{prefix}pr_curves.png")
     return out_dir
