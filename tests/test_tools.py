@@ -21,7 +21,7 @@ def test_make_sample_prepare_show_and_preview(tmp_path):
     assert "prepared 12 images" in out and "results saved to" in out
     assert {p.name for p in (data / "prepared").iterdir()} >= {"train.json", "val.json", "test.json", "summary.csv",
                                                               "skipped.csv"}
-    out = run_tool(REPO / "tools/show_dataset.py", *common, "+split=val", "+limit=2")
+    out = run_tool(REPO / "tools/show_dataset.py", *common, "split=val", "+limit=2")
     assert "2 images drawn" in out
     assert len(list((tmp_path / "outputs").rglob("annotations/sample_wbc_val/*.jpg"))) == 2
     out = run_tool(REPO / "tools/preview.py", *common, "+exp=segmented", "+n=2")

@@ -79,7 +79,7 @@ def test_hard_kill_then_resume_finishes_the_same_schedule(tmp_path):
 
     # evaluate the checkpoint: a sweep writes thresholds.json, a multirun re-filters the same cache
     evaluate = [sys.executable, str(REPO / "tools" / "evaluate.py"), f"ckpt={last}", f"paths.output_dir={tmp_path / 'ev'}",
-                "eval.split=val"]
+                "split=val"]
     done = subprocess.run(evaluate + ["sweep=true", "eval.sweep_min_confidence=[0.1,0.5]", "eval.sweep_nms=[0.3]"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -25,7 +25,7 @@ def main(cfg: DictConfig) -> None:
         from leukodet.data.pipeline import ensure_prepared
 
         ensure_prepared(cfg.data)
-        paths = [r["file_name"] for r in get_dataset_dicts(f"{cfg.data.name}_{cfg.get('split', 'train')}")[:n]]
+        paths = [r["file_name"] for r in get_dataset_dicts(f"{cfg.data.name}_{cfg.get('split') or 'train'}")[:n]]
     out_dir = Path(HydraConfig.get().runtime.output_dir) / "preview"
     written = write_previews(paths, cfg.preprocess, out_dir)
     print(f"{len(written)} of {len(paths)} panels; results saved to {out_dir}")

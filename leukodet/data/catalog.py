@@ -85,5 +85,8 @@ def _mirror_into_detectron2(name: str, metadata: dict) -> None:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
     DatasetCatalog.register(name, _LOADERS[name])
+    # The prepared JSON numbers categories from 1; detectron2 maps them to its 0-based ids with this.
+    id_map = {i + 1: i for i in range(len(metadata["thing_classes"]))}
     MetadataCatalog.get(name).set(thing_classes=metadata["thing_classes"], thing_colors=metadata["thing_colors"],
-                                  json_file=metadata["json_file"], evaluator_type="coco")
+                                  json_file=metadata["json_file"], evaluator_type="coco",
+                                  thing_dataset_id_to_contiguous_id=id_map)

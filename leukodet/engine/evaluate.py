@@ -75,7 +75,8 @@ def run_config(cfg: DictConfig) -> DictConfig:
     if not saved.is_file():
         raise FileNotFoundError(f"{saved} not found: ckpt must be a checkpoint inside a leukodet run directory")
     trained = OmegaConf.load(saved)
-    return OmegaConf.merge(trained, {"eval": cfg.eval, "paths": cfg.paths, "ckpt": cfg.ckpt, "sweep": cfg.sweep})
+    return OmegaConf.merge(trained, {"eval": {**cfg.eval, "split": cfg.get("split") or cfg.eval.split},
+                                     "paths": cfg.paths, "ckpt": cfg.ckpt, "sweep": cfg.sweep})
 
 
 def cached_raw_predictions(cfg: DictConfig, module: DetectionModule, split: str) -> tuple[list[dict], list]:
