@@ -18,7 +18,7 @@ from leukodet.data.catalog import get_dataset_dicts, get_metadata
 from leukodet.data.pipeline import ensure_prepared
 from leukodet.engine.evaluate import load_detector, predict_split
 from leukodet.evaluation.metrics import evaluate
-from leukodet.evaluation.sweep import refilter, sweep
+from leukodet.evaluation.sweep import sweep
 from leukodet.models.base import RAW_MAX_DETECTIONS, RAW_SCORE_FLOOR
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,7 +5,6 @@ import io
 
 import numpy as np
 import pytest
-from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 
 from leukodet.evaluation.coco_eval import coco_ground_truth, coco_results

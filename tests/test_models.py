@@ -85,15 +85,21 @@ def test_box_only_has_no_mask_branch():
     assert adapter.predict(tiny_batch(masks=False))[0].masks is None
 
 
-def test_thresholds_and_postprocess_of_raw_predictions_match_the_model():
-    torch.manual_seed(1)
+def briefly_trained(seed: int):
+    """A randomly initialised detector after 3 SGD steps on the tiny batch, so scores spread out."""
+    torch.manual_seed(seed)
     adapter = build(weights="none")
     optimizer = torch.optim.SGD([p for p in adapter.parameters() if p.requires_grad], lr=0.01)
-    for _ in range(3):  # a few steps, so scores spread out
+    for _ in range(3):
         loss = sum(adapter.losses(tiny_batch()).values())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    return adapter
+
+
+def test_thresholds_and_postprocess_of_raw_predictions_match_the_model():
+    adapter = briefly_trained(seed=1)
     batch = tiny_batch()
     with adapter.raw_predictions(floor=0.01, cap=1000):
         raw = adapter.predict(batch)

@@ -1,12 +1,11 @@
 """Sweeps from cached raw predictions equal model runs at each point; the cache's limits are warned."""
 
 import numpy as np
-import torch
 
 from leukodet.evaluation.metrics import evaluate
 from leukodet.evaluation.predictions import ImagePredictions, encode_masks, to_original
 from leukodet.evaluation.sweep import (binding_warnings, load_thresholds, refilter, save_thresholds, sweep)
-from tests.test_models import build, tiny_batch
+from tests.test_models import briefly_trained, tiny_batch
 
 
 def as_original(adapter, batch):
@@ -27,14 +26,7 @@ def records_of(batch):
 
 
 def test_refiltered_cache_equals_model_run_at_each_point():
-    torch.manual_seed(2)
-    adapter = build(weights="none")
-    optimizer = torch.optim.SGD([p for p in adapter.parameters() if p.requires_grad], lr=0.01)
-    for _ in range(3):
-        loss = sum(adapter.losses(tiny_batch()).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    adapter = briefly_trained(seed=2)
     batch = tiny_batch()
     with adapter.raw_predictions(floor=0.01, cap=1000):
         raw = as_original(adapter, batch)

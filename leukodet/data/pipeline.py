@@ -9,7 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from leukodet.data.catalog import register_datasets, split_names
-from leukodet.data.prepare import SPLITS, Prepared, prepare_dataset
+from leukodet.data.prepare import Prepared, prepare_dataset
 
 logger = logging.getLogger(__name__)
 

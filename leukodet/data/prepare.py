@@ -31,7 +31,6 @@ from leukodet.registry import DATASETS
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 FLIPS = {"x": 1, "y": 0, "xy": -1}  # cv2.flip codes: mirror on x (left-right), y (up-down), both
 
 
