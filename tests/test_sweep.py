@@ -1,69 +1,178 @@
-"""Sweeps from cached raw predictions equal model runs at each point; the cache's limits are warned."""
+"""Sweeps from cached raw predictions equal the detector's own filtering at each point; the cache's
+limits are warned about; the best point is saved and read back."""
+
+import logging
 
 import numpy as np
+import pytest
+import torch
+from torchvision.models.detection.roi_heads import RoIHeads
 
-from leukodet.evaluation.metrics import evaluate
-from leukodet.evaluation.predictions import ImagePredictions, encode_masks, to_original
-from leukodet.evaluation.sweep import (binding_warnings, load_thresholds, refilter, save_thresholds, sweep)
-from tests.test_models import briefly_trained, tiny_batch
+from leukodet.evaluation.metrics import as_predictions, evaluate, to_rle_predictions
+from leukodet.evaluation.predictions import to_original
+from leukodet.evaluation.sweep import (binding_warnings, load_raw, load_thresholds, plot_heatmap, refilter, save_raw,
+                                      save_thresholds, sweep)
+from leukodet.models.base import Detections
+from leukodet.registry import RegistryError
 
-
-def as_original(adapter, batch):
-    return [to_original(det, (1.0, 1.0), (s["image"].shape[2], s["image"].shape[1]))
-            for det, s in zip(adapter.predict(batch), batch)]
-
-
-def records_of(batch):
-    out = []
-    for i, sample in enumerate(batch):
-        inst = sample["instances"]
-        out.append({"file_name": f"img{i}", "image_id": i + 1, "height": sample["image"].shape[1],
-                    "width": sample["image"].shape[2],
-                    "annotations": [{"bbox": [x0, y0, x1 - x0, y1 - y0], "bbox_mode": 1, "category_id": int(label),
-                                     "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]], "iscrowd": 0}
-                                    for (x0, y0, x1, y1), label in zip(inst["boxes"].tolist(), inst["labels"])]})
-    return out
+H, W = 96, 128
+CLASSES = ["lymphoblast", "non_lymphoblast"]
+POINTS = [(0.05, 0.3, 300), (0.3, 0.5, 300), (0.5, 0.2, 300), (0.2, 0.5, 6)]  # min conf, NMS, cap
 
 
-def test_refiltered_cache_equals_model_run_at_each_point():
-    adapter = briefly_trained(seed=2)
-    batch = tiny_batch()
-    with adapter.raw_predictions(floor=0.01, cap=1000):
-        raw = as_original(adapter, batch)
-    records = records_of(batch)
-    for min_confidence, nms in ((0.02, 0.3), (0.05, 0.5), (0.1, 0.7)):
-        adapter.set_thresholds(min_confidence, nms, 300)
-        direct = as_original(adapter, batch)
-        again = [refilter(r, min_confidence, nms, 300) for r in raw]
+def box_masks(boxes: torch.Tensor) -> torch.Tensor:
+    """Each detection's mask from its own box only, as a Mask R-CNN mask head's depends on its box only."""
+    ys, xs = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
+    x0, y0, x1, y1 = (boxes[:, i, None, None] for i in range(4))
+    return (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
+
+
+class FakeDetector:
+    """torchvision's RoIHeads.postprocess_detections (score > min confidence, per-class NMS, cap:
+    the model's own final filter) on fixed random head outputs: clusters of proposals per cell."""
+
+    def __init__(self, seed: int, cells: int = 6, proposals_per_cell: int = 8):
+        rng = torch.Generator().manual_seed(seed)
+        self.centres = torch.rand(cells, 2, generator=rng) * torch.tensor([W - 30, H - 30]) + 15
+        centres = self.centres.repeat_interleave(proposals_per_cell, 0) + torch.randn(cells * proposals_per_cell, 2,
+                                                                                     generator=rng) * 2
+        size = 8 + torch.rand(len(centres), 1, generator=rng) * 4
+        self.proposals = torch.cat([centres - size, centres + size], dim=1)
+        self.logits = torch.randn(len(centres), len(CLASSES) + 1, generator=rng) * 2
+        self.regression = torch.randn(len(centres), 4 * (len(CLASSES) + 1), generator=rng) * 0.2
+
+    def __call__(self, min_confidence: float, nms: float, cap: int) -> Detections:
+        heads = RoIHeads(None, None, None, 0.5, 0.5, 512, 0.25, None, min_confidence, nms, cap)
+        (boxes,), (scores,), (labels,) = heads.postprocess_detections(self.logits, self.regression,
+                                                                      [self.proposals], [(H, W)])
+        return Detections(boxes, scores, labels - 1, box_masks(boxes))  # torchvision's label 0 is background
+
+    def record(self, name: str) -> dict:
+        boxes = torch.cat([self.centres - 10, self.centres + 10], dim=1).tolist()
+        return {"file_name": name, "image_id": 1, "height": H, "width": W,
+                "annotations": [{"bbox": [x0, y0, x1 - x0, y1 - y0], "bbox_mode": 1, "category_id": k % 2, "iscrowd": 0,
+                                 "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]]}
+                                for k, (x0, y0, x1, y1) in enumerate(boxes)]}
+
+
+@pytest.fixture(scope="module")
+def detectors():
+    return [FakeDetector(seed) for seed in range(3)]
+
+
+def test_refilter_equals_the_detectors_own_filter(detectors):
+    records = [d.record(f"img{i}") for i, d in enumerate(detectors)]
+    raw = [as_predictions(d(0.01, 1.0, 1000), H, W) for d in detectors]  # the cache: low floor, no NMS, high cap
+    table, _ = sweep(records, raw, CLASSES, [0.05, 0.2, 0.3, 0.5], [0.2, 0.3, 0.5], cache_floor=0.01, cache_cap=1000)
+    for min_confidence, nms, cap in POINTS:
+        direct = [as_predictions(d(min_confidence, nms, cap), H, W) for d in detectors]
+        again = [refilter(r, min_confidence, nms, cap) for r in raw]
+        assert any(len(a) < len(r) for a, r in zip(again, raw))  # the point filters something
         for d, a in zip(direct, again):
-            assert np.array_equal(d.labels, a.labels) and np.allclose(d.boxes, a.boxes)
-            assert [r["counts"] for r in d.rles] == [r["counts"] for r in a.rles]
-        m1 = evaluate(records, direct, ["a", "b"], min_confidence=min_confidence).summary()
-        m2 = evaluate(records, again, ["a", "b"], min_confidence=min_confidence).summary()
-        assert m1 == m2 or all(np.isclose(m1[k], m2[k], equal_nan=True) for k in m1)
+            assert np.array_equal(d.boxes, a.boxes) and np.array_equal(d.scores, a.scores)
+            assert np.array_equal(d.labels, a.labels) and [r["counts"] for r in d.rles] == [r["counts"] for r in a.rles]
+        if cap == 300:  # the sweep's own cap
+            summary = evaluate(records, direct, CLASSES).summary()
+            row = table[(table.min_confidence == min_confidence) & (table.nms == nms)].iloc[0]
+            assert all(row[k] == pytest.approx(v, nan_ok=True) for k, v in summary.items())
 
 
-def fake_raw(n, score_start=0.99):
-    masks = np.zeros((n, 40, 40), np.uint8)
-    boxes = np.array([[i % 30, 0, i % 30 + 10, 10] for i in range(n)], np.float32)
-    for i, (x0, y0, x1, y1) in enumerate(boxes.astype(int)):
-        masks[i, y0:y1, x0:x1] = 1
-    return ImagePredictions(boxes, np.linspace(score_start, 0.06, n).astype(np.float32), np.zeros(n, np.int64),
-                            encode_masks(masks))
-
-
-def test_sweep_table_best_point_and_thresholds_file(tmp_path):
-    record = {"file_name": "x", "image_id": 1, "height": 40, "width": 40,
-              "annotations": [{"bbox": [0, 0, 10, 10], "bbox_mode": 1, "category_id": 0,
-                               "segmentation": [[0, 0, 10, 0, 10, 10, 0, 10]], "iscrowd": 0}]}
-    table, best = sweep([record], [fake_raw(20)], ["cell"], [0.5, 0.6, 0.7, 0.8, 0.9], [0.1, 0.2, 0.3, 0.5, 0.7])
-    assert len(table) == 25 and {"precision", "recall", "f1", "ap50_segm"} <= set(table.columns)
+def test_sweep_of_detections_table_best_point_and_thresholds_file(detectors, tmp_path):
+    records = [d.record(f"img{i}") for i, d in enumerate(detectors)]
+    raw = [d(0.01, 1.0, 1000) for d in detectors]  # Detections straight from a model, converted inside
+    grid = ([0.1, 0.2, 0.3, 0.4, 0.5], [0.1, 0.2, 0.3, 0.5, 0.7])
+    table, best = sweep(records, raw, CLASSES, *grid, cache_floor=0.01)
+    assert len(table) == 25 and {"precision", "recall", "f1", "ap50_segm", "count_mae"} <= set(table.columns)
     assert best["metric"] == "f1" and best["value"] == table.f1.max()
-    path = save_thresholds(tmp_path / "thresholds.json", best)
-    assert load_thresholds(path) == best and load_thresholds(tmp_path / "none.json") is None
+    assert table.f1.nunique() > 1  # the grid matters
+    first = table[table.f1 == table.f1.max()].iloc[0]
+    assert (best["min_confidence"], best["nms"]) == (first.min_confidence, first.nms)
+    _, fewest = sweep(records, raw, CLASSES, *grid, metric="count_mae", cache_floor=0.01)
+    assert fewest["value"] == table.count_mae.min()  # lower is better for an error
+
+    path = save_thresholds(tmp_path / "thresholds.json", {**best, "split": "val"})
+    assert load_thresholds(path) == {**best, "split": "val"} and load_thresholds(tmp_path / "none.json") is None
+    assert plot_heatmap(table, "f1", tmp_path / "sweep_f1.png").stat().st_size > 0
+    with pytest.raises(RegistryError, match="Did you mean 'ap50_segm'"):
+        sweep(records, raw, CLASSES, *grid, metric="ap50_seg")
 
 
-def test_binding_floor_and_cap_are_warned(caplog):
-    notes = binding_warnings([0.01, 0.5], floor=0.05, cap=20, raw=[fake_raw(20), fake_raw(5)])
-    assert len(notes) == 2 and "below the cache's score floor" in notes[0] and "1 image(s) reached" in notes[1]
-    assert binding_warnings([0.5], floor=0.05, cap=1000, raw=[fake_raw(20)]) == []
+def test_cache_round_trip_sweeps_the_same(detectors, tmp_path):
+    records = [d.record(f"img{i}") for i, d in enumerate(detectors)]
+    raw = to_rle_predictions([d(0.01, 1.0, 1000) for d in detectors], records)
+    cache = load_raw(save_raw(tmp_path / "raw.pkl", raw, floor=0.01, cap=1000))
+    assert (cache["floor"], cache["cap"]) == (0.01, 1000)
+    grid = ([0.2, 0.5], [0.3, 0.5])
+    before, _ = sweep(records, raw, CLASSES, *grid, cache_floor=0.01)
+    after, _ = sweep(records, cache["predictions"], CLASSES, *grid, cache_floor=cache["floor"], cache_cap=cache["cap"])
+    assert before.equals(after)
+    with pytest.raises(ValueError, match="3 images but 2 predictions"):
+        to_rle_predictions(raw[:2], records)
+
+
+def test_binding_floor_and_cap_are_warned(detectors, caplog):
+    raw = [as_predictions(d(0.05, 1.0, 20), H, W) for d in detectors[:2]]
+    cut = max(float(r.scores.min()) for r in raw)  # each image's cached scores stop at or below this
+    with caplog.at_level(logging.WARNING):
+        notes = binding_warnings([0.01, 0.5], cache_floor=0.05, cache_cap=20, raw=raw)
+    assert len(notes) == 2 and "below the cache's score floor" in notes[0] and "2 image(s) reached" in notes[1]
+    assert caplog.text.count("WARNING") == 2
+    # a full cap is harmless when every requested min confidence is at or above each image's lowest cached score
+    assert binding_warnings([cut, 0.99], cache_floor=0.05, cache_cap=20, raw=raw) == []
+    assert binding_warnings([0.05], cache_floor=0.05, cache_cap=1000, raw=raw) == []
+
+
+def cell_batch(n=2, seed=0, size=(128, 160)):
+    """Mapper-style samples: ``n`` images with 3 coloured elliptic cells each, 2 classes."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size[0], :size[1]]
+    batch = []
+    for _ in range(n):
+        image = np.full((*size, 3), 210, dtype=np.uint8)
+        boxes, labels, masks = [], [], []
+        for label in (0, 1, int(rng.integers(0, 2))):
+            ry, rx = rng.integers(8, 20, size=2)
+            cy, cx = rng.integers(ry, size[0] - ry), rng.integers(rx, size[1] - rx)
+            mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+            image[mask] = (120, 60, 150) if label else (170, 90, 90)
+            ys, xs = np.nonzero(mask)
+            boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+            labels.append(label)
+            masks.append(mask)
+        batch.append({"image": torch.from_numpy(image).permute(2, 0, 1).contiguous(),
+                      "instances": {"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels),
+                                    "masks": torch.from_numpy(np.stack(masks)).to(torch.uint8)}})
+    return batch
+
+
+@pytest.mark.slow
+def test_refiltered_cache_equals_a_real_model_run_at_each_point():
+    import leukodet.models  # noqa: F401  (registers the adapters)
+    from leukodet.registry import MODELS
+
+    torch.manual_seed(0)
+    adapter = MODELS.build({"name": "maskrcnn_effnet_lite0"}, num_classes=2, min_size=128, max_size=160,
+                           rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=40)
+    optimizer = torch.optim.SGD([p for p in adapter.parameters() if p.requires_grad], lr=0.02, momentum=0.9)
+    batch = cell_batch()
+    for _ in range(4):  # a few steps, so scores spread out
+        loss = sum(adapter.losses(batch).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    adapter.eval()
+
+    def predict():
+        return [to_original(det, (1.0, 1.0), (s["image"].shape[2], s["image"].shape[1]))
+                for det, s in zip(adapter.predict(batch), batch)]
+
+    with torch.no_grad():
+        with adapter.raw_predictions(floor=0.0, cap=1000):
+            raw = predict()
+        scores = np.concatenate([r.scores for r in raw])
+        for quantile, nms, cap in ((0.0, 0.3, 300), (0.5, 0.5, 5), (0.7, 0.2, 50)):
+            min_confidence = float(np.quantile(scores, quantile)) if quantile else 0.0
+            adapter.set_thresholds(min_confidence, nms, cap)
+            for d, a, r in zip(predict(), [refilter(r, min_confidence, nms, cap) for r in raw], raw):
+                assert len(d) < len(r) and np.array_equal(d.labels, a.labels) and np.allclose(d.boxes, a.boxes)
+                assert [m["counts"] for m in d.rles] == [m["counts"] for m in a.rles]

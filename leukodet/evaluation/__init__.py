@@ -1,1 +1,10 @@
-"""Evaluation: matching, the seed's metrics, COCO AP, sweeps and reports."""
+"""Evaluation: the figures of DESIGN.md's "Metric definitions", and threshold sweeps.
+
+matching   one-to-one matching (``match_image``, ``match_points``) and the confusion-matrix ``Tally``
+metrics    ``evaluate`` / ``Evaluator`` -> ``EvaluationResult``; ``to_rle_predictions``; named metrics in
+           ``registry.METRICS``
+coco_eval  COCO AP50 and AP50:95 through pycocotools, maxDets >= 300
+sweep      ``refilter`` cached raw predictions (``save_raw`` / ``load_raw``), ``sweep`` a grid,
+           ``save_thresholds`` / ``load_thresholds``, ``plot_heatmap``
+report     printed table, CSV/JSON, confusion-matrix and PR-curve PNGs
+"""

@@ -16,7 +16,8 @@ MIN_MAX_DETS = 300
 
 
 def coco_ground_truth(dataset_dicts: Sequence[dict], class_names: Sequence[str]) -> COCO:
-    """A COCO object of the dataset dicts: image ids from 1 in order, category ids 1..C."""
+    """A COCO object of the dataset dicts: image ids from 1 in order, category ids 1..C, annotation
+    ids from 1 in order (so ``imgToAnns`` lists each image's annotations in the dict's order)."""
     images, annotations = [], []
     for image_id, record in enumerate(dataset_dicts, start=1):
         images.append({"id": image_id, "height": record["height"], "width": record["width"]})
@@ -49,30 +50,34 @@ def coco_results(predictions: Sequence, iou_type: str) -> list[dict]:
     return results
 
 
-def coco_ap(gt: COCO, predictions: Sequence, iou_type: str, num_classes: int, max_dets: int = MIN_MAX_DETS
-            ) -> dict[str, np.ndarray]:
+def coco_ap(gt: COCO, predictions: Sequence, iou_type: str, num_classes: int, max_dets: int = MIN_MAX_DETS,
+            image_ids: Sequence[int] | None = None) -> dict[str, np.ndarray]:
     """AP at IoU 0.5 and AP over IoU 0.50:0.95 per class (NaN where a class has no ground truth),
-    read from COCOeval's precision array at the largest maxDets (``summarize`` hard-codes 100),
-    and ``pr50``: each class's precision at the 101 COCO recall points at IoU 0.5 (-1 = none)."""
-    results = coco_results(predictions, iou_type)
-    nan = np.full(num_classes, np.nan)
-    if not results:
-        has_gt = np.array([len(gt.getAnnIds(catIds=[c + 1])) > 0 for c in range(num_classes)])
+    read from COCOeval's precision array at the last maxDets, ``max(max_dets, 300)`` (``summarize``
+    hard-codes 100), and ``pr50``: each class's precision at the 101 COCO recall points at IoU 0.5
+    (-1 = no ground truth). ``image_ids`` (default all) restricts the images scored."""
+    image_ids = sorted(gt.getImgIds()) if image_ids is None else list(image_ids)
+    scored = set(image_ids)
+    results = [r for r in coco_results(predictions, iou_type) if r["image_id"] in scored]
+    no_pr = np.full((num_classes, 101), -1.0)
+    if not image_ids:
+        return {"ap50": np.full(num_classes, np.nan), "ap": np.full(num_classes, np.nan), "pr50": no_pr}
+    if not results:  # COCO.loadRes cannot take an empty list; AP is 0 for every class with ground truth
+        has_gt = np.array([len(gt.getAnnIds(imgIds=image_ids, catIds=[c + 1])) > 0 for c in range(num_classes)])
         zeros = np.where(has_gt, 0.0, np.nan)
-        return {"ap50": zeros, "ap": zeros.copy(), "pr50": np.full((num_classes, 101), -1.0)}
+        return {"ap50": zeros, "ap": zeros.copy(), "pr50": no_pr}
     with contextlib.redirect_stdout(io.StringIO()):
-        dt = gt.loadRes(results)
-        evaluator = COCOeval(gt, dt, iou_type)
+        evaluator = COCOeval(gt, gt.loadRes(results), iou_type)
+        evaluator.params.imgIds = image_ids
         evaluator.params.maxDets = [1, 10, max(max_dets, MIN_MAX_DETS)]
         evaluator.evaluate()
         evaluator.accumulate()
-    precision = evaluator.eval["precision"]  # [IoU thresholds, recall, class, area, maxDets]
-    ap50, ap = nan.copy(), nan.copy()
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]  # [IoU threshold, recall, class] at area all, last maxDets
+    ap50, ap = np.full(num_classes, np.nan), np.full(num_classes, np.nan)
     for c in range(num_classes):
-        at50 = precision[0, :, c, 0, -1]
+        at50, every = precision[0, :, c], precision[:, :, c]
         if (at50 > -1).any():
             ap50[c] = at50[at50 > -1].mean()
-        every = precision[:, :, c, 0, -1]
         if (every > -1).any():
             ap[c] = every[every > -1].mean()
-    return {"ap50": ap50, "ap": ap, "pr50": precision[0, :, :, 0, -1].T.copy()}
+    return {"ap50": ap50, "ap": ap, "pr50": precision[0].T.copy()}

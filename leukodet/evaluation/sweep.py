@@ -4,8 +4,9 @@ Raw predictions (score floor 0.05, no final NMS, up to 1000 per image) are compu
 checkpoint, split and preprocessing, and cached with RLE masks. A sweep point re-applies the
 min confidence, per-class NMS and the usual cap: in Mask R-CNN each box's mask does not depend
 on the other boxes, so this is exactly what the model gives at that point, as long as the cache's
-floor is at or below the point's min confidence and no image hit the cap (both are warned about).
-Predictions below the cached floor are gone: sweep above it only.
+floor is at or below the point's min confidence and no image filled the cap above it (both are
+warned about). The cache's limit: predictions at or below its score floor, or cut by its cap, are
+gone, so sweep min confidences at or above the floor only.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ import pandas as pd
 import torch
 from torchvision.ops import batched_nms
 
-from leukodet.evaluation.metrics import evaluate
+from leukodet.evaluation.metrics import Evaluator, to_rle_predictions
 from leukodet.evaluation.predictions import ImagePredictions
+from leukodet.evaluation.report import plot_grid
 from leukodet.io import atomic_write_bytes, atomic_write_text
 from leukodet.models.base import RAW_MAX_DETECTIONS, RAW_SCORE_FLOOR
+from leukodet.registry import METRICS
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ def refilter(raw: ImagePredictions, min_confidence: float, nms: float, max_detec
     kept = raw.select(keep)
     if len(kept) == 0:
         return kept
-    order = batched_nms(torch.from_numpy(kept.boxes).float(), torch.from_numpy(kept.scores),
+    order = batched_nms(torch.from_numpy(kept.boxes).float(), torch.from_numpy(kept.scores).float(),
                         torch.from_numpy(kept.labels), nms)[:max_detections]
     return kept.select(order.numpy())
 
@@ -59,67 +62,66 @@ def load_raw(path: str | Path) -> dict:
         return pickle.load(handle)
 
 
-def binding_warnings(min_confidences: Sequence[float], floor: float, cap: int,
+def binding_warnings(min_confidences: Sequence[float], cache_floor: float, cache_cap: int,
                      raw: Sequence[ImagePredictions]) -> list[str]:
-    """Why a sweep from this cache could differ from a model run, if it could."""
+    """Why a sweep from this cache could differ from a model run, if it could: a min confidence
+    below the cache's floor, or an image that filled the cap while its lowest cached score is
+    above a requested min confidence (the cut-off detections would have passed)."""
     notes = []
-    if min(min_confidences) < floor:
-        notes.append(f"min confidence {min(min_confidences)} is below the cache's score floor {floor}: "
+    lowest = min(min_confidences)
+    if lowest < cache_floor:
+        notes.append(f"min confidence {lowest} is below the cache's score floor {cache_floor}: "
                      "detections between them are not in the cache")
-    full = sum(len(r) >= cap for r in raw)
+    full = sum(len(r) >= cache_cap and float(r.scores.min()) > lowest for r in raw)
     if full:
-        notes.append(f"{full} image(s) reached the cache's cap of {cap} detections: lower-scored ones are missing")
+        notes.append(f"{full} image(s) reached the cache's cap of {cache_cap} detections above min confidence "
+                     f"{lowest}: lower-scored ones are missing")
     for note in notes:
         logger.warning(note)
     return notes
 
 
-def sweep(dataset_dicts: Sequence[dict], raw: Sequence[ImagePredictions], class_names: Sequence[str],
+def sweep(dataset_dicts: Sequence[dict], raw: Sequence, class_names: Sequence[str],
           min_confidences: Sequence[float], nms_values: Sequence[float], max_detections: int = 300,
-          metric: str = "f1", floor: float = RAW_SCORE_FLOOR, cap: int = RAW_MAX_DETECTIONS
-          ) -> tuple[pd.DataFrame, dict]:
-    """Evaluate every (min confidence, NMS) point from the cache. Returns the table (one row per
-    point, the evaluator's headline figures as columns) and the best point by ``metric``."""
-    binding_warnings(min_confidences, floor, cap, raw)
+          metric: str = "f1", cache_floor: float = RAW_SCORE_FLOOR, cache_cap: int = RAW_MAX_DETECTIONS,
+          iou_type: str | None = None, iou_threshold: float = 0.5) -> tuple[pd.DataFrame, dict]:
+    """Evaluate every (min confidence, NMS) point from the raw predictions (ImagePredictions or
+    Detections-like, one per dataset dict). Returns the table (one row per point, the evaluator's
+    summary as columns) and the best point by ``metric`` (a ``METRICS`` name; the first in grid
+    order on ties)."""
+    chosen = METRICS.get(metric)
+    evaluator = Evaluator(dataset_dicts, class_names, iou_threshold)
+    raw = to_rle_predictions(raw, dataset_dicts)
+    binding_warnings(min_confidences, cache_floor, cache_cap, raw)
     rows = []
     for nms in nms_values:
         for min_confidence in min_confidences:
-            predictions = [refilter(r, min_confidence, nms, max_detections) for r in raw]
-            summary = evaluate(dataset_dicts, predictions, class_names, min_confidence=min_confidence).summary()
-            rows.append({"min_confidence": min_confidence, "nms": nms, **summary})
+            result = evaluator([refilter(r, min_confidence, nms, max_detections) for r in raw], iou_type)
+            rows.append({"min_confidence": min_confidence, "nms": nms, **result.summary()})
     table = pd.DataFrame(rows)
-    if metric not in table:
-        raise KeyError(f"metric {metric!r} is not computed; choose one of: {', '.join(table.columns[2:])}")
-    best = table.loc[table[metric].fillna(-1).idxmax()]
-    return table, {"min_confidence": float(best.min_confidence), "nms": float(best.nms), "metric": metric,
-                   "value": float(best[metric])}
+    if chosen.key not in table:
+        raise KeyError(f"metric {metric!r} is not computed for this data; "
+                       f"choose one of: {', '.join(table.columns[2:])}")
+    values = table[chosen.key]
+    best = values.fillna(-np.inf).idxmax() if chosen.higher_is_better else values.fillna(np.inf).idxmin()
+    return table, {"min_confidence": float(table.min_confidence[best]), "nms": float(table.nms[best]),
+                   "metric": metric, "value": float(values[best])}
 
 
 def save_thresholds(path: str | Path, best: dict) -> Path:
-    """``thresholds.json`` beside the checkpoint; inference uses it unless told otherwise."""
+    """``thresholds.json`` (``sweep``'s best point: min_confidence, nms, metric, value, plus any
+    notes such as the split) beside the checkpoint; inference uses it unless told otherwise."""
     return atomic_write_text(path, json.dumps(best, indent=2))
 
 
 def load_thresholds(path: str | Path) -> dict | None:
+    """The saved best point, or None when there is no file."""
     path = Path(path)
     return json.loads(path.read_text()) if path.is_file() else None
 
 
 def plot_heatmap(table: pd.DataFrame, metric: str, path: str | Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """The sweep's ``metric`` over NMS (rows) x min confidence (columns), as a PNG."""
     grid = table.pivot(index="nms", columns="min_confidence", values=metric)
-    fig, ax = plt.subplots(figsize=(1.1 * grid.shape[1] + 2, 0.8 * grid.shape[0] + 1.5))
-    image = ax.imshow(grid.values, cmap="viridis", aspect="auto")
-    ax.set(xticks=range(grid.shape[1]), yticks=range(grid.shape[0]), xticklabels=grid.columns,
-           yticklabels=grid.index, xlabel="min confidence", ylabel="NMS IoU", title=metric)
-    for (i, j), value in np.ndenumerate(grid.values):
-        ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="white", fontsize=8)
-    fig.colorbar(image)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return plot_grid(grid.values, grid.index, grid.columns, path, title=metric, xlabel="min confidence",
+                     ylabel="NMS IoU", cmap="viridis", number_format="{:.3f}")
