@@ -4,9 +4,11 @@ fails at composition with the key and the value (Hydra/OmegaConf validate agains
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
 
 
 @dataclass
@@ -47,10 +49,30 @@ class EvalSchema:
     sweep_metric: str = "f1"
 
 
+@dataclass
+class InferSchema:
+    out_dir: str = MISSING
+    overwrite: bool = False
+    min_confidence: Optional[float] = None
+    nms: Optional[float] = None
+    batch_size: int = 4
+    num_workers: int = 1
+    overlays: bool = True
+    flag_share: float = 0.2
+    max_megapixels: float = 100.0
+
+
+def input_name(path: Any) -> str:
+    """``${input_name:${input}}``: the input folder's (or file's) name, for a stable output folder."""
+    return Path(str(path)).resolve().name if path else "no_input"
+
+
 def register_schemas() -> None:
     store = ConfigStore.instance()
     store.store(group="train", name="schema", node=TrainSchema)
     store.store(group="eval", name="schema", node=EvalSchema)
+    store.store(group="infer", name="schema", node=InferSchema)
+    OmegaConf.register_new_resolver("input_name", input_name, replace=True)
 
 
 register_schemas()

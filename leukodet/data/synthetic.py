@@ -26,6 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from leukodet.data.via_export import mask_polygon
 from leukodet.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -312,12 +313,6 @@ def render_smear(rng: np.random.Generator, width: int, height: int, kind: str):
     image = light * np.exp(-density) + rng.normal(0, 2.0, density.shape)
     image = cv2.GaussianBlur(np.clip(image, 0, 255).astype(np.uint8), (0, 0), 0.8)  # optics: no crisp edges
     return image, labels, renumber[instances], foreground
-
-
-def mask_polygon(mask: np.ndarray) -> np.ndarray:
-    """Integer outline (N, 2) of a non-empty mask's largest part, as a person would click it in VIA."""
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    return cv2.approxPolyDP(max(contours, key=cv2.contourArea), 0.7, True).reshape(-1, 2)
 
 
 def generate_smears(out_dir: str | os.PathLike, n_images: int = 40, width: int = 512, height: int = 384,
