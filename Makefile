@@ -1,13 +1,18 @@
 # The two quick-start commands: `make demo` (main job on generated sample data) and `make test`.
 PYTHON ?= python3
+DEMO_RUN ?= outputs/demo
 
-.PHONY: install demo test test-all bench
+.PHONY: install demo test test-all
 
 install:
 	$(PYTHON) -m pip install -q -e ".[test]"
 
+# Train (a second `make demo` resumes the same run), evaluate on the test split, then run
+# inference over the sample's images as a lab would over a folder.
 demo: install
-	$(PYTHON) tools/train.py
+	$(PYTHON) tools/train.py train.run_dir=$(DEMO_RUN)
+	$(PYTHON) tools/infer.py ckpt=$(DEMO_RUN)/checkpoints/best.ckpt input=datasets/sample/wbc/images \
+		infer.out_dir=$(DEMO_RUN)/infer
 
 test: install
 	$(PYTHON) -m pytest

@@ -2,7 +2,7 @@
 to disk) vs a plain per-image loop doing the same work; and peak memory over 1,000 images vs 100.
 
     python bench/bench_infer.py --ckpt outputs/runs/<date>/<time>/checkpoints/best.ckpt
-(default: the newest best.ckpt under outputs/runs, e.g. from `make demo`)
+(default: outputs/demo/checkpoints/best.ckpt, trained by `make demo`)
 
 Images are generated smears at the sample's size (512x384, the default model's input size), 50
 distinct ones repeated under other names. Both arms write the same outputs (records, overlays).
@@ -43,10 +43,10 @@ def make_folder(folder: Path, n_images: int, distinct: Path) -> Path:
     return folder
 
 
-def run_tool(ckpt: Path, folder: Path, out: Path) -> tuple[float, float]:
+def run_tool(ckpt: Path, folder: Path, out: Path, overrides: list[str]) -> tuple[float, float]:
     """(images/s as the tool reports it, peak resident MB of the tool's process)."""
     command = [sys.executable, "-c", PEAK_RSS, sys.executable, str(REPO / "tools" / "infer.py"), f"ckpt={ckpt}",
-               f"input={folder}", f"infer.out_dir={out}"]
+               f"input={folder}", f"infer.out_dir={out}", *overrides]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(done.stdout[-3000:] + done.stderr[-3000:])
@@ -76,12 +76,12 @@ def plain_loop(ckpt: Path, folder: Path, out: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", default=None)
+    parser.add_argument("--ckpt", default=str(REPO / "outputs" / "demo" / "checkpoints" / "best.ckpt"))
     parser.add_argument("--small", type=int, default=100)
     parser.add_argument("--large", type=int, default=1000)
+    parser.add_argument("--tool-args", default="", help="extra overrides for the tool, e.g. 'infer.num_workers=4'")
     args = parser.parse_args()
-    ckpt = Path(args.ckpt) if args.ckpt else max((REPO / "outputs" / "runs").glob("*/*/checkpoints/best.ckpt"),
-                                                 key=lambda p: p.stat().st_mtime)
+    ckpt = Path(args.ckpt)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     print(f"checkpoint {ckpt}; {device}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,12 +91,13 @@ def main() -> None:
         large = make_folder(tmp / "large", args.large, tmp / "distinct" / "images")
 
         loop_rate = plain_loop(ckpt, small, tmp / "out_loop")
-        tool_rate, small_peak = run_tool(ckpt, small, tmp / "out_small")
-        large_rate, large_peak = run_tool(ckpt, large, tmp / "out_large")
+        tool_rate, small_peak = run_tool(ckpt, small, tmp / "out_small", args.tool_args.split())
+        large_rate, large_peak = run_tool(ckpt, large, tmp / "out_large", args.tool_args.split())
 
-    print(f"\n| run | images | images/s | peak memory (MB) |\n| --- | --- | --- | --- |")
+    print("\n| run | images | images/s | peak memory (MB) |\n| --- | --- | --- | --- |")
     print(f"| plain per-image loop | {args.small} | {loop_rate:.2f} | - |")
-    print(f"| tools/infer.py (batch 4, 1 loader worker) | {args.small} | {tool_rate:.2f} | {small_peak:.0f} |")
+    print(f"| tools/infer.py {args.tool_args or '(default batching and workers)'} | {args.small} | {tool_rate:.2f} | "
+          f"{small_peak:.0f} |")
     print(f"| tools/infer.py | {args.large} | {large_rate:.2f} | {large_peak:.0f} |")
     print(f"\ntool / plain loop: {tool_rate / loop_rate:.2f}x images/s; "
           f"peak memory {args.large} vs {args.small} images: {large_peak / small_peak:.2f}x")

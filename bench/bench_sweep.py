@@ -3,7 +3,7 @@ from cached raw predictions vs re-running inference at every point. Prints both 
 ratio measured in this run.
 
     python bench/bench_sweep.py --ckpt outputs/runs/<date>/<time>/checkpoints/best.ckpt
-(default: the newest best.ckpt under outputs/runs, e.g. from `make demo`)
+(default: outputs/demo/checkpoints/best.ckpt, trained by `make demo`)
 """
 
 from __future__ import annotations
@@ -28,11 +28,10 @@ NMS_VALUES = [0.1, 0.2, 0.3, 0.5, 0.7]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", default=None)
+    parser.add_argument("--ckpt", default=str(REPO / "outputs" / "demo" / "checkpoints" / "best.ckpt"))
     parser.add_argument("--split", default="val")
     args = parser.parse_args()
-    ckpt = Path(args.ckpt) if args.ckpt else max((REPO / "outputs" / "runs").glob("*/*/checkpoints/best.ckpt"),
-                                                 key=lambda p: p.stat().st_mtime)
+    ckpt = Path(args.ckpt)
     cfg = OmegaConf.load(ckpt.parent.parent / "config.yaml")
     ensure_prepared(cfg.data)
     name = f"{cfg.data.name}_{args.split}"

@@ -55,8 +55,8 @@ class InferSchema:
     overwrite: bool = False
     min_confidence: Optional[float] = None
     nms: Optional[float] = None
-    batch_size: int = 4
-    num_workers: int = 1
+    batch_size: Optional[int] = None
+    num_workers: Optional[int] = None
     overlays: bool = True
     flag_share: float = 0.2
     max_megapixels: float = 100.0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from collections import Counter, defaultdict
@@ -214,3 +213,21 @@ def test_tool_exit_status_and_output_folder(trained_run, smear_folder, tmp_path)
     assert "x.jpg" in (tmp_path / "infer" / "bad" / "errors.csv").read_text()
     done = subprocess.run(tool + [f"input={tmp_path / 'missing'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "does not exist" in done.stderr
+
+
+def test_inference_runs_at_the_sweep_thresholds_beside_the_checkpoint(trained_run, smear_folder, tmp_path):
+    thresholds = trained_run / "run" / "checkpoints" / "thresholds.json"
+    thresholds.write_text(json.dumps({"min_confidence": 0.1, "nms": 0.3, "metric": "f1", "split": "val"}))
+    try:
+        out = tmp_path / "out"
+        cfg = compose(f"ckpt={thresholds.parent / 'last.ckpt'}", f"input={smear_folder / 'slideA'}",
+                      f"infer.out_dir={out}", "infer.num_workers=0", "infer.overlays=false")
+        run_inference(cfg, out)
+    finally:
+        thresholds.unlink()
+    settings = json.loads((out / "run.json").read_text())
+    assert (settings["min_confidence"], settings["nms"]) == (0.1, 0.3)
+    assert settings["thresholds_from"] == "thresholds.json (best f1 on val)"
+    counts = pd.read_csv(out / "counts.csv")
+    assert set(counts.min_confidence) == {0.1} and set(counts.nms) == {0.3}
+    assert (pd.read_csv(out / "detections.csv").score > 0.1).all()

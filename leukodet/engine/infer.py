@@ -22,7 +22,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from pycocotools import mask as mask_utils
@@ -108,6 +107,16 @@ class InferenceReader:
         except Exception as err:  # noqa: BLE001 - reported per file in errors.csv, the run goes on
             message = str(err) if str(path) in str(err) else f"{path}: {err}"
             return {"file_name": str(path), "error": f"{type(err).__name__}: {message}"}
+
+
+def loader_settings(infer_cfg: DictConfig, on_gpu: bool) -> tuple[int, int]:
+    """(batch size, loader workers); null means the measured best (bench/bench_infer.py): on a GPU
+    batches of 8 read ahead by up to 4 workers; on a CPU one image at a time (batching padded images
+    was slower there) with one worker reading ahead."""
+    batch_size = infer_cfg.batch_size or (8 if on_gpu else 1)
+    num_workers = infer_cfg.num_workers if infer_cfg.num_workers is not None else (
+        min(4, max(1, (os.cpu_count() or 2) - 1)) if on_gpu else 1)
+    return batch_size, num_workers
 
 
 def relative_name(path: Path, root: Path) -> str:
@@ -239,7 +248,9 @@ def run_inference(cfg: DictConfig, out_dir: str | os.PathLike) -> InferenceSumma
         "input": str(root.resolve())})
     settings.check(infer_cfg.overwrite)
     settings.save()
-    print(f"{len(images)} images under {root}; model {run_cfg.model.name} on {module.device}; "
+    batch_size, num_workers = loader_settings(infer_cfg, module.device.type == "cuda")
+    print(f"{len(images)} images under {root}; model {run_cfg.model.name} on {module.device} "
+          f"(batch {batch_size}, {num_workers} loader workers); "
           f"min confidence {point.min_confidence}, NMS {point.nms} from {point.source}")
 
     todo = images if infer_cfg.overwrite else [p for p in images if not record_path(out_dir, relative_name(p, root)).is_file()]
@@ -248,7 +259,7 @@ def run_inference(cfg: DictConfig, out_dir: str | os.PathLike) -> InferenceSumma
         print(f"{summary.skipped} images already done in {out_dir} (infer.overwrite=true redoes them)")
     colors = class_colors(len(class_names))
     reader = InferenceReader(run_cfg.preprocess, infer_cfg.max_megapixels, infer_cfg.overlays)
-    loader = make_loader(todo, reader, infer_cfg.batch_size, False, infer_cfg.num_workers)
+    loader = make_loader(todo, reader, batch_size, False, num_workers)
     start = time.perf_counter()
     with torch.inference_mode(), tqdm(total=len(todo), desc="inference", unit="img") as bar:
         for batch in (loader if todo else []):
