@@ -47,6 +47,7 @@ class EvalSchema:
     sweep_min_confidence: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])
     sweep_nms: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.5])
     sweep_metric: str = "f1"
+    count_min_confidence: list[float] = field(default_factory=lambda: [0.7, 0.8, 0.9])
 
 
 @dataclass

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from leukodet.data.coco import write_coco
 from leukodet.data.records import POINT, ImageRecord, Region, Skip
+from leukodet.data.sizes import SizeRule, assign_size_classes
 from leukodet.data.via import AnnotationError, LabelPolicy, ParseResult, UnmappedLabelError
 from leukodet.io import atomic_write_bytes, atomic_write_text
 from leukodet.registry import DATASETS
@@ -273,15 +274,22 @@ def prepare_dataset(sources: Sequence[Mapping[str, Any]], out_dir: str | Path, c
                     split: Mapping[str, float] | None = None, pinned: Mapping[str, str] | None = None,
                     seed: int = 0,
                     flips: Sequence[str] = ("x", "y", "xy"), balance: bool = False, target_ratio: float = 1.0,
-                    scale: float = 1.0) -> Prepared:
+                    scale: float = 1.0, size_classes: Mapping[str, Any] | None = None) -> Prepared:
     """Run the whole preparation and write ``out_dir/{train,val,test}.json``, ``summary.csv``
-    and ``skipped.csv``. Returns the written paths and the summary table."""
+    and ``skipped.csv``. Returns the written paths and the summary table.
+
+    ``size_classes`` (a ``SizeRule`` mapping, see ``leukodet.data.sizes``) relabels every cell by its
+    area after the class map, in source pixels; ``classes`` then defaults to the rule's classes."""
     out_dir = Path(out_dir)
     labels = LabelPolicy(class_attribute, dict(class_map or {}), unmapped)
+    size_rule = SizeRule.from_config(size_classes)
     parsed = read_sources(sources, labels)
     box_only = parsed.box_only
     records, skips = clean(parsed.records)
     skips = parsed.skips + skips
+    if size_rule:
+        records = assign_size_classes(records, size_rule)
+        classes = classes or size_rule.classes
     classes = list(classes) if classes else sorted({r.label for rec in records for r in rec.regions})
     unknown = {r.label for rec in records for r in rec.regions} - set(classes)
     if unknown:

@@ -1,5 +1,5 @@
-"""Evaluate a trained checkpoint on a registered split: metrics table, report files, overlays, and
-threshold sweeps from cached raw predictions."""
+"""Evaluate a trained checkpoint on a registered split: metrics table, report files, overlays,
+threshold sweeps and the count-accuracy table from cached raw predictions."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from leukodet.data.pipeline import ensure_prepared
 from leukodet.engine.data import make_loader
 from leukodet.engine.module import DetectionModule
 from leukodet.engine.predictor import predict_loader
+from leukodet.evaluation.counts import CountTable, count_table
 from leukodet.evaluation.metrics import EvaluationResult, evaluate
 from leukodet.evaluation.predictions import ImagePredictions
-from leukodet.evaluation.report import format_table, save_report
+from leukodet.evaluation.report import format_table, format_touching, save_report
 from leukodet.evaluation.sweep import (cache_key, load_raw, plot_heatmap, refilter, save_raw, save_thresholds,
                                        sweep)
 from leukodet.io import atomic_write_text
@@ -55,6 +56,7 @@ def report(cfg: DictConfig, name: str, records: list[dict], predictions: list[Im
     print(f"\n{name}: {len(records)} images, min confidence {cfg.eval.min_confidence}, NMS {cfg.eval.nms}, "
           f"{result.iou_type} IoU >= {cfg.eval.iou_threshold}")
     print(format_table(result))
+    print(format_touching(result))
     return result
 
 
@@ -84,7 +86,8 @@ def cached_raw_predictions(cfg: DictConfig, module: DetectionModule, split: str)
     computed once per checkpoint, split and preprocessing."""
     name = f"{cfg.data.name}_{split}"
     records = get_dataset_dicts(name)
-    key = cache_key(cfg.ckpt, split, OmegaConf.to_container(cfg.preprocess, resolve=True))
+    # keyed by the registered name, not the split alone: one checkpoint can score other datasets' splits
+    key = cache_key(cfg.ckpt, name, OmegaConf.to_container(cfg.preprocess, resolve=True))
     path = Path(cfg.ckpt).parent / "cache" / f"raw_{split}_{key}.pkl"
     if path.is_file():
         return records, load_raw(path)["predictions"]
@@ -120,3 +123,22 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: str | Path):
     print(f"best {metric} = {best['value']:.4f} at min confidence {best['min_confidence']}, NMS {best['nms']}; "
           f"saved {thresholds}")
     return table, best
+
+
+def count_table_checkpoint(cfg: DictConfig, out_dir: str | Path) -> CountTable:
+    """`tools/count_table.py`: the count-accuracy table of ``cfg.ckpt`` on ``cfg.eval.split`` at each
+    ``eval.count_min_confidence`` (NMS ``eval.nms``), from the cached raw predictions; writes
+    ``count_table_<split>.csv`` and ``count_summary_<split>.csv`` into ``out_dir`` and prints both."""
+    cfg = run_config(cfg)
+    out_dir = Path(out_dir)
+    ensure_prepared(cfg.data)
+    split = cfg.eval.split
+    name = f"{cfg.data.name}_{split}"
+    records, raw = cached_raw_predictions(cfg, load_detector(cfg.ckpt), split)
+    table = count_table(records, raw, get_metadata(name)["thing_classes"], list(cfg.eval.count_min_confidence),
+                        cfg.eval.nms, cfg.eval.max_detections, cfg.eval.iou_threshold)
+    atomic_write_text(out_dir / f"count_table_{split}.csv", table.per_image.to_csv(index=False))
+    atomic_write_text(out_dir / f"count_summary_{split}.csv", table.summary.to_csv(index=False))
+    print(f"\n{name}: {len(records)} images, count accuracy = min(segmented, true) / true, NMS {cfg.eval.nms}")
+    print(table.format())
+    return table

@@ -4,7 +4,8 @@ P/R/F1/accuracy from one-to-one matching (class-aware and class-agnostic), per-c
 bias, lymphoblast-share error, RBC count accuracy, confusion matrix, and COCO AP50 / AP50:95 for
 boxes and masks. Where the definitions leave a case open, the choice is stated where it is made:
 count-only points (``ImageTruth``), the "all" and "any_cell" count rows (``count_columns``),
-images without cells (``share``, ``count_accuracy``).
+images without cells (``share``, ``count_accuracy``), touching cells (``touching_instances``,
+``touching_recall``).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
+import cv2
 import numpy as np
 import pandas as pd
+from pycocotools import mask as mask_utils
 
 from leukodet.evaluation.coco_eval import coco_ap, coco_ground_truth
 from leukodet.evaluation.matching import Tally, match_image
@@ -150,6 +153,13 @@ class Evaluator:
         """Each image's instance masks, rasterised by COCO itself, so matching and AP see the same masks."""
         return [[self.coco.annToRLE(a) for a in self.coco.imgToAnns[i]] for i in range(1, len(self.records) + 1)]
 
+    @cached_property
+    def touching(self) -> list[np.ndarray]:
+        """Per image, which ground-truth instances touch or overlap another (``touching_instances``;
+        masks when the split has them, else boxes)."""
+        return [touching_instances(t.boxes, self.gt_rles[i] if self.has_masks else None)
+                for i, t in enumerate(self.truths)]
+
     def __call__(self, predictions: Sequence, iou_type: str | None = None, min_confidence: float = 0.0
                  ) -> EvaluationResult:
         """Score ``predictions`` (one per dataset dict, original pixels; see ``as_predictions``),
@@ -165,13 +175,20 @@ class Evaluator:
         num_classes = len(self.class_names)
 
         total = Tally.zeros(num_classes)
+        found_any, found_same = [], []  # per image, per ground-truth instance: matched by any / same class
         for i, (truth, pred) in enumerate(zip(self.truths, predictions)):
             segm = iou_type == "segm"
-            total = total + match_image(
+            matched = match_image(
                 truth.boxes, truth.labels, pred.boxes, pred.scores, pred.labels, num_classes,
                 gt_masks=self.gt_rles[i] if segm else None, pred_masks=pred.rles if segm else None,
                 iou_type=iou_type, iou_threshold=self.iou_threshold,
-                points_xy=truth.points_xy, point_labels=truth.point_labels).tally
+                points_xy=truth.points_xy, point_labels=truth.point_labels)
+            total = total + matched.tally
+            hit = matched.matched >= 0
+            found_any.append(np.isin(np.arange(len(truth.labels)), matched.matched[hit]))
+            same = hit.copy()
+            same[hit] = pred.labels[hit] == truth.labels[matched.matched[hit]]
+            found_same.append(np.isin(np.arange(len(truth.labels)), matched.matched[same]))
         true = np.array([t.counts(num_classes) for t in self.truths], dtype=np.int64).reshape(-1, num_classes)
         found = np.array([np.bincount(p.labels, minlength=num_classes) for p in predictions],
                          dtype=np.int64).reshape(-1, num_classes)
@@ -199,6 +216,7 @@ class Evaluator:
             per_image[f"pred_{LYMPHOBLAST}_share"] = share(found, index)
             extras.update(share_errors(share(found, index) - share(true, index)))
         extras.update(count_accuracy(true.sum(axis=1), found.sum(axis=1)))
+        extras.update(touching_recall(self.touching, found_any, found_same))
         table = pd.DataFrame.from_dict(rows, orient="index").reindex(columns=TABLE_COLUMNS)
         table.index.name = "class"
         return EvaluationResult(table, per_image, total.confusion, self.class_names, iou_type, extras, pr_curves)
@@ -261,6 +279,55 @@ def count_accuracy(true_total: np.ndarray, found_total: np.ndarray) -> dict[str,
     scored = true_total > 0
     return {"count_accuracy": mean(np.minimum(found_total[scored], true_total[scored]) / true_total[scored]),
             "count_accuracy_images_skipped": int((~scored).sum())}
+
+
+def touching_instances(boxes: np.ndarray, rles: Sequence[dict] | None = None) -> np.ndarray:
+    """Which of one image's ground-truth cells touch or overlap another: with masks, the cell's mask
+    dilated by 1 px (3x3, so diagonal neighbours touch) meets another cell's mask; with boxes only
+    (``rles`` None), the XYXY boxes overlap or share an edge, which also flags round cells whose
+    box corners meet without the cells touching."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    n = len(boxes)
+    if n < 2:
+        return np.zeros(n, dtype=bool)
+    if rles is None:
+        x0, y0, x1, y1 = (boxes[:, k] for k in range(4))
+        near = ((x0[:, None] <= x1[None]) & (x0[None] <= x1[:, None])
+                & (y0[:, None] <= y1[None]) & (y0[None] <= y1[:, None]))
+        np.fill_diagonal(near, False)
+        return near.any(axis=1)
+    height, width = rles[0]["size"]
+    cover = np.zeros((height, width), np.uint16)  # how many cells cover each pixel
+    for rle in rles:  # one mask at a time: memory stays at one image, whatever the cell count
+        cover += mask_utils.decode(rle)
+    kernel = np.ones((3, 3), np.uint8)
+    touching = np.zeros(n, dtype=bool)
+    for k, rle in enumerate(rles):
+        x, y, w, h = mask_utils.toBbox(rle)
+        if w == 0 or h == 0:
+            continue
+        window = (slice(max(int(y) - 1, 0), min(int(np.ceil(y + h)) + 1, height)),
+                  slice(max(int(x) - 1, 0), min(int(np.ceil(x + w)) + 1, width)))
+        mask = mask_utils.decode(rle)[window]
+        others = cover[window] - mask > 0
+        touching[k] = bool((cv2.dilate(mask, kernel) & others).any())
+    return touching
+
+
+def touching_recall(touching: Sequence[np.ndarray], found_any: Sequence[np.ndarray],
+                    found_same: Sequence[np.ndarray]) -> dict[str, float]:
+    """Recall over the split's ground-truth cells that touch or overlap another vs the isolated
+    ones: ``detection_recall_*`` counts a cell found by any prediction at IoU >= the threshold,
+    ``recall_*`` only by one of its class. Count-only points have no shape and are in neither."""
+    touching = np.concatenate([np.asarray(t, dtype=bool) for t in touching]) if len(touching) else np.zeros(0, bool)
+    found_any = np.concatenate(found_any) if len(found_any) else np.zeros(0, bool)
+    found_same = np.concatenate(found_same) if len(found_same) else np.zeros(0, bool)
+    out = {}
+    for name, group in (("touching", touching), ("isolated", ~touching)):
+        out[f"{name}_cells"] = int(group.sum())
+        out[f"detection_recall_{name}"] = ratio(found_any[group].sum(), group.sum())
+        out[f"recall_{name}"] = ratio(found_same[group].sum(), group.sum())
+    return out
 
 
 @dataclass(frozen=True)

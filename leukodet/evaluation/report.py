@@ -24,6 +24,17 @@ def format_table(result: EvaluationResult) -> str:
     return result.table.to_string(float_format=lambda v: f"{v:.4f}", na_rep="-")
 
 
+def format_touching(result: EvaluationResult) -> str:
+    """One line: detection recall of the cells that touch or overlap another vs the isolated ones."""
+    extras = result.extras
+
+    def part(name: str) -> str:
+        recall = extras[f"detection_recall_{name}"]
+        return f"{name} {extras[f'{name}_cells']} cells, found {'-' if math.isnan(recall) else f'{recall:.4f}'}"
+
+    return f"recall by contact (class-agnostic): {part('touching')}; {part('isolated')}"
+
+
 def save_figure(fig, path: str | Path) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)

@@ -46,7 +46,8 @@ def refilter(raw: ImagePredictions, min_confidence: float, nms: float, max_detec
 
 
 def cache_key(checkpoint: str | Path, split: str, preprocess: dict) -> str:
-    """Changes when the checkpoint file, the split or the preprocessing changes."""
+    """Changes when the checkpoint file, the split (its registered name, e.g. ``bccd_rbc_test``, since
+    one checkpoint can score several datasets) or the preprocessing changes."""
     stat = Path(checkpoint).stat()
     text = json.dumps([str(Path(checkpoint).resolve()), stat.st_size, stat.st_mtime_ns, split, preprocess],
                       sort_keys=True)
