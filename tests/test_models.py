@@ -50,6 +50,7 @@ def test_imagenet_weights_from_the_wheel_load_strictly_into_timm():
     # swapped, pushes it above 5.
     from leukodet.data.synthetic import render_smear
 
+    @torch.no_grad()
     def entropy(net, image):
         p = net(image).softmax(-1)
         return float(-(p * p.log()).sum())
