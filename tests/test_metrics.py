@@ -5,6 +5,7 @@ import io
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from pycocotools import mask as mask_utils
@@ -107,6 +108,19 @@ def test_ap_equals_pycocotools_directly(kind):
     assert 0.3 < stats[1] < 0.95  # a case with real errors, not a trivial one
     for c, name in enumerate(CLASSES):
         assert table.loc[name, f"ap50_{kind}"] == pytest.approx(cocoeval_directly(records, preds, kind, category=c)[1])
+
+
+def test_ap_is_over_all_scores_while_matching_is_at_min_confidence():
+    """DESIGN.md: AP over all scores. A min confidence of 0.5 must not cut the precision-recall
+    curve off (that understates AP), while P/R/F1 and counts are those of scores > 0.5 alone."""
+    records, preds = noisy_case(seed=0)
+    at_point = evaluate(records, preds, CLASSES, min_confidence=0.5).table
+    above = [p.select(np.nonzero(p.scores > 0.5)[0]) for p in preds]
+    assert at_point.loc["all", "ap50_segm"] == pytest.approx(cocoeval_directly(records, preds, "segm")[1], abs=1e-12)
+    assert at_point.loc["all", "ap50_segm"] > cocoeval_directly(records, above, "segm")[1] + 0.05
+    only_above = evaluate(records, above, CLASSES).table
+    columns = ["tp", "fp", "fn", "precision", "recall", "f1", "count_mae", "count_bias"]
+    pd.testing.assert_frame_equal(at_point[columns], only_above[columns])
 
 
 def test_ap_counts_every_detection_of_a_crowded_image():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -45,26 +46,34 @@ def predict_split(cfg: DictConfig, module: DetectionModule, records: list[dict],
 
 def report(cfg: DictConfig, name: str, records: list[dict], predictions: list[ImagePredictions], out_dir: Path,
            prefix: str, overlays: int = 8) -> EvaluationResult:
-    """Score, print the table, write the report files and the first ``overlays`` overlays."""
+    """Score ``predictions`` (down to the scoring floor) at ``cfg.eval.min_confidence``, print the
+    table, write the report files and the first ``overlays`` overlays (at min confidence)."""
     meta = get_metadata(name)
     for record, prediction in list(zip(records, predictions))[:overlays]:
-        drawn = draw_predictions(read_image(record["file_name"]), prediction, meta["thing_classes"], meta["thing_colors"])
+        shown = prediction.select(np.nonzero(prediction.scores > cfg.eval.min_confidence)[0])
+        drawn = draw_predictions(read_image(record["file_name"]), shown, meta["thing_classes"], meta["thing_colors"])
         write_rgb(out_dir / "overlays" / f"{Path(record['file_name']).stem}.jpg", drawn)
     result = evaluate(records, predictions, meta["thing_classes"], min_confidence=cfg.eval.min_confidence,
                       iou_threshold=cfg.eval.iou_threshold)
     save_report(result, out_dir, prefix=prefix)
-    print(f"\n{name}: {len(records)} images, min confidence {cfg.eval.min_confidence}, NMS {cfg.eval.nms}, "
-          f"{result.iou_type} IoU >= {cfg.eval.iou_threshold}")
+    print(f"\n{name}: {len(records)} images, min confidence {cfg.eval.min_confidence} (AP over scores > "
+          f"{scoring_floor(cfg):g}), NMS {cfg.eval.nms}, {result.iou_type} IoU >= {cfg.eval.iou_threshold}")
     print(format_table(result))
     print(format_touching(result))
     return result
 
 
+def scoring_floor(cfg: DictConfig) -> float:
+    """The lowest score the evaluator sees: AP is scored over all scores above it (see ``Evaluator``)."""
+    return min(RAW_SCORE_FLOOR, cfg.eval.min_confidence)
+
+
 def evaluate_split(cfg: DictConfig, module: DetectionModule, split: str, out_dir: str | Path) -> EvaluationResult:
-    """Predict ``split`` at ``cfg.eval``'s operating point and report (used at the end of training)."""
+    """Predict ``split`` down to the scoring floor with ``cfg.eval``'s NMS and cap, and report at its
+    min confidence (used at the end of training)."""
     name = f"{cfg.data.name}_{split}"
     records = get_dataset_dicts(name)
-    module.adapter.set_thresholds(cfg.eval.min_confidence, cfg.eval.nms, cfg.eval.max_detections)
+    module.adapter.set_thresholds(scoring_floor(cfg), cfg.eval.nms, cfg.eval.max_detections)
     predictions = predict_split(cfg, module, records, f"evaluating {name}")
     return report(cfg, name, records, predictions, Path(out_dir), prefix=f"{split}_")
 
@@ -110,7 +119,7 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: str | Path):
     name = f"{cfg.data.name}_{split}"
     records, raw = cached_raw_predictions(cfg, module, split)
     if not cfg.sweep:
-        predictions = [refilter(r, cfg.eval.min_confidence, cfg.eval.nms, cfg.eval.max_detections) for r in raw]
+        predictions = [refilter(r, scoring_floor(cfg), cfg.eval.nms, cfg.eval.max_detections) for r in raw]
         return report(cfg, name, records, predictions, out_dir, prefix=f"{split}_")
     metric = cfg.eval.sweep_metric
     table, best = sweep(records, raw, get_metadata(name)["thing_classes"], list(cfg.eval.sweep_min_confidence),

@@ -66,7 +66,8 @@ class DetectionModule(L.LightningModule):
         self.adapter.eval()
         self.log("val/loss", sum(losses.values()), prog_bar=True, batch_size=len(batch), sync_dist=True)
         if self.evaluate_fn is not None:
-            self._val_predictions.extend(predict_original(self.adapter, batch))
+            with self.adapter.scored_predictions():  # AP over all scores; the evaluator applies min confidence
+                self._val_predictions.extend(predict_original(self.adapter, batch))
             self._val_records.extend(sample["record"] for sample in batch)
 
     def on_validation_epoch_end(self) -> None:

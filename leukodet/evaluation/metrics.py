@@ -162,12 +162,15 @@ class Evaluator:
 
     def __call__(self, predictions: Sequence, iou_type: str | None = None, min_confidence: float = 0.0
                  ) -> EvaluationResult:
-        """Score ``predictions`` (one per dataset dict, original pixels; see ``as_predictions``),
-        keeping scores > ``min_confidence`` (the detector's own rule). ``iou_type`` defaults to
-        ``segm`` when both sides have masks, else ``bbox``; AP is computed for bbox, and for segm
-        when it is the IoU type."""
-        predictions = [p.select(np.nonzero(p.scores > min_confidence)[0])
-                       for p in to_rle_predictions(predictions, self.records)]
+        """Score ``predictions`` (one per dataset dict, original pixels; see ``as_predictions``).
+        Matching, P/R/F1 and counts keep scores > ``min_confidence`` (the detector's own rule); AP,
+        being threshold-free, is scored on every prediction given, so pass the detector's output
+        down to a low floor (``RAW_SCORE_FLOOR``, detectron2's and COCO's practice): AP from
+        operating-point detections alone cuts the precision-recall curve off and understates it.
+        ``iou_type`` defaults to ``segm`` when both sides have masks, else ``bbox``; AP is computed
+        for bbox, and for segm when it is the IoU type."""
+        scored = to_rle_predictions(predictions, self.records)
+        predictions = [p.select(np.nonzero(p.scores > min_confidence)[0]) for p in scored]
         masks_on_both = self.has_masks and all(p.rles is not None for p in predictions)
         iou_type = iou_type or ("segm" if masks_on_both else "bbox")
         if iou_type == "segm" and not masks_on_both:
@@ -200,9 +203,9 @@ class Evaluator:
             rows[name].update(columns)
 
         pr_curves = {}
-        max_dets = max((len(p) for p in predictions), default=0)
+        max_dets = max((len(p) for p in scored), default=0)
         for kind in ("bbox", "segm") if iou_type == "segm" else ("bbox",):
-            ap = coco_ap(self.coco, predictions, kind, num_classes, max_dets, self.ap_image_ids)
+            ap = coco_ap(self.coco, scored, kind, num_classes, max_dets, self.ap_image_ids)
             pr_curves[kind] = ap["pr50"]
             for i, name in enumerate(self.class_names):
                 rows[name].update({f"ap50_{kind}": ap["ap50"][i], f"ap_{kind}": ap["ap"][i]})

@@ -95,9 +95,13 @@ def sweep(dataset_dicts: Sequence[dict], raw: Sequence, class_names: Sequence[st
     raw = to_rle_predictions(raw, dataset_dicts)
     binding_warnings(min_confidences, cache_floor, cache_cap, raw)
     rows = []
+    floor = min(cache_floor, *min_confidences)
     for nms in nms_values:
+        # the detector's NMS and cap commute with a higher score cut: filter once per NMS, and let
+        # the evaluator apply each min confidence (AP is scored over all scores, see Evaluator)
+        scored = [refilter(r, floor, nms, max_detections) for r in raw]
         for min_confidence in min_confidences:
-            result = evaluator([refilter(r, min_confidence, nms, max_detections) for r in raw], iou_type)
+            result = evaluator(scored, iou_type, min_confidence)
             rows.append({"min_confidence": min_confidence, "nms": nms, **result.summary()})
     table = pd.DataFrame(rows)
     if chosen.key not in table:

@@ -66,14 +66,25 @@ class DetectorAdapter(torch.nn.Module):
         raise NotImplementedError
 
     @contextmanager
-    def raw_predictions(self, floor: float = RAW_SCORE_FLOOR, cap: int = RAW_MAX_DETECTIONS):
-        """Predict with a low score floor, no final NMS and a high cap (for a threshold-sweep cache)."""
+    def thresholds_set(self, min_confidence: float | None = None, nms: float | None = None,
+                       max_detections: int | None = None):
+        """Predict at these thresholds (None keeps the current one) inside the block, then restore."""
         saved = self.thresholds()
-        self.set_thresholds(floor, 1.0, cap)
+        self.set_thresholds(min_confidence, nms, max_detections)
         try:
             yield self
         finally:
             self.set_thresholds(*saved)
+
+    def raw_predictions(self, floor: float = RAW_SCORE_FLOOR, cap: int = RAW_MAX_DETECTIONS):
+        """Predict with a low score floor, no final NMS and a high cap (for a threshold-sweep cache)."""
+        return self.thresholds_set(floor, 1.0, cap)
+
+    def scored_predictions(self, floor: float = RAW_SCORE_FLOOR):
+        """Predict down to ``floor`` with the usual NMS and cap: what the evaluator needs, since AP
+        is scored on every detection above the floor and P/R/F1/counts above min confidence (the
+        detector's NMS and cap commute with a higher score cut, so the latter are exact)."""
+        return self.thresholds_set(min_confidence=floor)
 
     @property
     def device(self) -> torch.device:
