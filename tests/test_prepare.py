@@ -156,3 +156,55 @@ def test_one_bad_file_loses_nothing_else(tmp_path):
     assert "bad/via.json: not valid JSON at line 1" in skip.reason
     with pytest.raises(ValueError, match="no annotation file could be read"):
         prepare_dataset(sources[1:], tmp_path / "out2", class_attribute="cell_type")
+
+
+def two_acquisitions(tmp_path):
+    """Two annotation files (scanners, told apart by image width) with opposite class mixes that
+    cancel out overall."""
+    sources = []
+    for scanner, blasts, width in (("a", 2, 64), ("b", 10, 80)):
+        folder = tmp_path / scanner
+        entries = {}
+        for i in range(12):
+            name = f"img{i:02d}.png"
+            write_image(folder / name, width=width, seed=width * 100 + i)
+            entries[name] = [("blast" if i < blasts else "neutrophil", [10, 30, 10], [5, 5, 25])]
+        sources.append({"name": "via", "path": str(write_via(folder, entries)), "image_dir": str(folder)})
+    return sources
+
+
+def test_per_source_balancing_evens_out_each_acquisition(tmp_path):
+    sources = two_acquisitions(tmp_path)
+    common = dict(classes=["blast", "neutrophil"], class_attribute="cell_type", split={"train": 1.0},
+                  flips=["x", "y", "xy"], target_ratio=1.0)
+    prepare_dataset(sources, tmp_path / "global", balance=True, **common)
+    train = json.loads((tmp_path / "global" / "train.json").read_text())
+    assert len(train["images"]) == 24  # 12 blasts, 12 others overall: nothing to balance
+    prepare_dataset(sources, tmp_path / "per_source", balance="per_source", **common)
+    train = json.loads((tmp_path / "per_source" / "train.json").read_text())
+    width = {img["id"]: img["width"] for img in train["images"]}
+    counts = {}
+    for ann in train["annotations"]:
+        key = width[ann["image_id"]], ann["category_id"]
+        counts[key] = counts.get(key, 0) + 1
+    # a: 2 blasts in 4 orientations, 2 of its 10 others dropped; b: the mirror image
+    assert counts == {(64, 1): 8, (64, 2): 8, (80, 1): 8, (80, 2): 8}
+    with pytest.raises(ValueError, match="per_source"):
+        prepare_dataset(sources, tmp_path / "typo", balance="per-source", **common)
+
+
+def test_changed_prepare_settings_prepare_again(tmp_path, caplog):
+    from leukodet.data.pipeline import ensure_prepared
+
+    data = {"name": "two_scanners", "prepared_dir": str(tmp_path / "prepared"), "generate": None,
+            "prepare": {"sources": two_acquisitions(tmp_path), "classes": ["blast", "neutrophil"],
+                        "class_attribute": "cell_type", "split": {"train": 0.5, "val": 0.5}, "flips": [], "seed": 0}}
+    ensure_prepared(data)
+    val = tmp_path / "prepared" / "val.json"
+    first = val.read_text()
+    stamp = val.stat().st_mtime_ns
+    ensure_prepared(data)
+    assert val.stat().st_mtime_ns == stamp  # same settings: reused
+    data["prepare"]["seed"] = 1
+    ensure_prepared(data)
+    assert val.read_text() != first and "prepared with other settings" in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -10,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from leukodet.data.catalog import register_datasets, split_names
 from leukodet.data.prepare import Prepared, prepare_dataset
+from leukodet.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -27,17 +29,29 @@ def generate_if_configured(data_cfg: Mapping) -> None:
     ensure_sample(data_cfg["root"], **_plain(data_cfg["generate"]))
 
 
+PREPARED_WITH = "prepared_with.json"  # the prepare settings the split files were made with
+
+
 def prepare_from_config(data_cfg: Mapping) -> Prepared:
     """Generate (if configured), prepare and register the dataset described by ``data_cfg``."""
     generate_if_configured(data_cfg)
-    prepared = prepare_dataset(out_dir=data_cfg["prepared_dir"], **_plain(data_cfg["prepare"]))
+    settings = _plain(data_cfg["prepare"])
+    prepared = prepare_dataset(out_dir=data_cfg["prepared_dir"], **settings)
+    atomic_write_text(Path(data_cfg["prepared_dir"]) / PREPARED_WITH, json.dumps(settings, indent=2, sort_keys=True))
     register_datasets(data_cfg)
     return prepared
 
 
 def ensure_prepared(data_cfg: Mapping) -> list[str]:
-    """Prepare the dataset unless all its split files exist, then register it; returns split names."""
+    """Prepare the dataset unless its split files exist and were made with the same ``prepare``
+    settings (a changed split, scale or balance re-prepares), then register it; returns split names."""
     prepared_dir = Path(data_cfg["prepared_dir"])
-    if not all((prepared_dir / f"{split}.json").is_file() for split in split_names(data_cfg)):
+    missing = [s for s in split_names(data_cfg) if not (prepared_dir / f"{s}.json").is_file()]
+    stamp = prepared_dir / PREPARED_WITH
+    made_with = json.loads(stamp.read_text()) if stamp.is_file() else None
+    if missing or made_with != json.loads(json.dumps(_plain(data_cfg["prepare"]), sort_keys=True)):
+        if not missing:
+            logger.warning("%s was prepared with other settings than data.prepare now gives: preparing again",
+                           prepared_dir)
         prepare_from_config(data_cfg)
     return register_datasets(data_cfg)

@@ -243,6 +243,14 @@ def balance_with_flips(train: Sequence[ImageRecord], flips: Sequence[str], balan
     return [pair for i, pair in enumerate(chosen) if i not in dropped]
 
 
+def source_groups(records: Sequence[ImageRecord]) -> list[list[ImageRecord]]:
+    """``records`` grouped by annotation file, in first-seen order."""
+    groups: dict[str, list[ImageRecord]] = {}
+    for rec in records:
+        groups.setdefault(rec.source, []).append(rec)
+    return list(groups.values())
+
+
 # ---------------------------------------------------------------- the whole preparation
 
 
@@ -273,13 +281,15 @@ def prepare_dataset(sources: Sequence[Mapping[str, Any]], out_dir: str | Path, c
                     unmapped: str = "error", group_regex: str | None = None,
                     split: Mapping[str, float] | None = None, pinned: Mapping[str, str] | None = None,
                     seed: int = 0,
-                    flips: Sequence[str] = ("x", "y", "xy"), balance: bool = False, target_ratio: float = 1.0,
+                    flips: Sequence[str] = ("x", "y", "xy"), balance: bool | str = False, target_ratio: float = 1.0,
                     scale: float = 1.0, size_classes: Mapping[str, Any] | None = None) -> Prepared:
     """Run the whole preparation and write ``out_dir/{train,val,test}.json``, ``summary.csv``
     and ``skipped.csv``. Returns the written paths and the summary table.
 
     ``size_classes`` (a ``SizeRule`` mapping, see ``leukodet.data.sizes``) relabels every cell by its
     area after the class map, in source pixels; ``classes`` then defaults to the rule's classes."""
+    if balance not in (True, False, "per_source"):
+        raise ValueError(f"prepare.balance={balance!r}: use true, false or per_source")
     out_dir = Path(out_dir)
     labels = LabelPolicy(class_attribute, dict(class_map or {}), unmapped)
     size_rule = SizeRule.from_config(size_classes)
@@ -306,7 +316,11 @@ def prepare_dataset(sources: Sequence[Mapping[str, Any]], out_dir: str | Path, c
                         for rec in tqdm(items, desc=f"rescaling {name}", unit="img")]
                  for name, items in parts.items()}
     if "train" in parts and (flips or balance):
-        pairs = balance_with_flips(parts["train"], list(flips), balance, target_ratio, seed)
+        # per_source: balance each annotation file (an acquisition: scanner, stain) on its own, so
+        # no acquisition's own class mix becomes a cue the model can learn
+        groups = (source_groups(parts["train"]) if balance == "per_source" else [parts["train"]])
+        pairs = [pair for group in groups
+                 for pair in balance_with_flips(group, list(flips), bool(balance), target_ratio, seed)]
         parts["train"] = [rec if flip is None else flip_record(
             rec, flip, image_dir / "train" / derived_name(rec, f"_flip{flip}"))
             for rec, flip in tqdm(pairs, desc="train flips", unit="img")]
