@@ -15,6 +15,8 @@ from leukodet.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
+PREPARED_WITH = "prepared_with.json"  # the prepare settings the split files were made with
+
 
 def _plain(node) -> dict:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
@@ -29,15 +31,16 @@ def generate_if_configured(data_cfg: Mapping) -> None:
     ensure_sample(data_cfg["root"], **_plain(data_cfg["generate"]))
 
 
-PREPARED_WITH = "prepared_with.json"  # the prepare settings the split files were made with
+def prepare_settings(data_cfg: Mapping) -> str:
+    """``data.prepare`` as canonical JSON: what ``PREPARED_WITH`` holds and is compared with."""
+    return json.dumps(_plain(data_cfg["prepare"]), indent=2, sort_keys=True)
 
 
 def prepare_from_config(data_cfg: Mapping) -> Prepared:
     """Generate (if configured), prepare and register the dataset described by ``data_cfg``."""
     generate_if_configured(data_cfg)
-    settings = _plain(data_cfg["prepare"])
-    prepared = prepare_dataset(out_dir=data_cfg["prepared_dir"], **settings)
-    atomic_write_text(Path(data_cfg["prepared_dir"]) / PREPARED_WITH, json.dumps(settings, indent=2, sort_keys=True))
+    prepared = prepare_dataset(out_dir=data_cfg["prepared_dir"], **_plain(data_cfg["prepare"]))
+    atomic_write_text(Path(data_cfg["prepared_dir"]) / PREPARED_WITH, prepare_settings(data_cfg))
     register_datasets(data_cfg)
     return prepared
 
@@ -48,8 +51,7 @@ def ensure_prepared(data_cfg: Mapping) -> list[str]:
     prepared_dir = Path(data_cfg["prepared_dir"])
     missing = [s for s in split_names(data_cfg) if not (prepared_dir / f"{s}.json").is_file()]
     stamp = prepared_dir / PREPARED_WITH
-    made_with = json.loads(stamp.read_text()) if stamp.is_file() else None
-    if missing or made_with != json.loads(json.dumps(_plain(data_cfg["prepare"]), sort_keys=True)):
+    if missing or not stamp.is_file() or stamp.read_text() != prepare_settings(data_cfg):
         if not missing:
             logger.warning("%s was prepared with other settings than data.prepare now gives: preparing again",
                            prepared_dir)

@@ -318,7 +318,7 @@ def prepare_dataset(sources: Sequence[Mapping[str, Any]], out_dir: str | Path, c
     if "train" in parts and (flips or balance):
         # per_source: balance each annotation file (an acquisition: scanner, stain) on its own, so
         # no acquisition's own class mix becomes a cue the model can learn
-        groups = (source_groups(parts["train"]) if balance == "per_source" else [parts["train"]])
+        groups = source_groups(parts["train"]) if balance == "per_source" else [parts["train"]]
         pairs = [pair for group in groups
                  for pair in balance_with_flips(group, list(flips), bool(balance), target_ratio, seed)]
         parts["train"] = [rec if flip is None else flip_record(

@@ -23,7 +23,7 @@ from leukodet.evaluation.report import format_table, format_touching, save_repor
 from leukodet.evaluation.sweep import (cache_key, load_raw, plot_heatmap, refilter, save_raw, save_thresholds,
                                        sweep)
 from leukodet.io import atomic_write_text
-from leukodet.models.base import RAW_MAX_DETECTIONS, RAW_SCORE_FLOOR
+from leukodet.models.base import RAW_MAX_DETECTIONS, RAW_SCORE_FLOOR, scoring_floor
 from leukodet.viz import draw_predictions, write_rgb
 
 
@@ -57,15 +57,10 @@ def report(cfg: DictConfig, name: str, records: list[dict], predictions: list[Im
                       iou_threshold=cfg.eval.iou_threshold)
     save_report(result, out_dir, prefix=prefix)
     print(f"\n{name}: {len(records)} images, min confidence {cfg.eval.min_confidence} (AP over scores > "
-          f"{scoring_floor(cfg):g}), NMS {cfg.eval.nms}, {result.iou_type} IoU >= {cfg.eval.iou_threshold}")
+          f"{scoring_floor(cfg.eval.min_confidence):g}), NMS {cfg.eval.nms}, {result.iou_type} IoU >= {cfg.eval.iou_threshold}")
     print(format_table(result))
     print(format_touching(result))
     return result
-
-
-def scoring_floor(cfg: DictConfig) -> float:
-    """The lowest score the evaluator sees: AP is scored over all scores above it (see ``Evaluator``)."""
-    return min(RAW_SCORE_FLOOR, cfg.eval.min_confidence)
 
 
 def evaluate_split(cfg: DictConfig, module: DetectionModule, split: str, out_dir: str | Path) -> EvaluationResult:
@@ -73,7 +68,7 @@ def evaluate_split(cfg: DictConfig, module: DetectionModule, split: str, out_dir
     min confidence (used at the end of training)."""
     name = f"{cfg.data.name}_{split}"
     records = get_dataset_dicts(name)
-    module.adapter.set_thresholds(scoring_floor(cfg), cfg.eval.nms, cfg.eval.max_detections)
+    module.adapter.set_thresholds(scoring_floor(cfg.eval.min_confidence), cfg.eval.nms, cfg.eval.max_detections)
     predictions = predict_split(cfg, module, records, f"evaluating {name}")
     return report(cfg, name, records, predictions, Path(out_dir), prefix=f"{split}_")
 
@@ -119,7 +114,7 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: str | Path):
     name = f"{cfg.data.name}_{split}"
     records, raw = cached_raw_predictions(cfg, module, split)
     if not cfg.sweep:
-        predictions = [refilter(r, scoring_floor(cfg), cfg.eval.nms, cfg.eval.max_detections) for r in raw]
+        predictions = [refilter(r, scoring_floor(cfg.eval.min_confidence), cfg.eval.nms, cfg.eval.max_detections) for r in raw]
         return report(cfg, name, records, predictions, out_dir, prefix=f"{split}_")
     metric = cfg.eval.sweep_metric
     table, best = sweep(records, raw, get_metadata(name)["thing_classes"], list(cfg.eval.sweep_min_confidence),

@@ -27,7 +27,7 @@ from leukodet.evaluation.metrics import Evaluator, to_rle_predictions
 from leukodet.evaluation.predictions import ImagePredictions
 from leukodet.evaluation.report import plot_grid
 from leukodet.io import atomic_write_bytes, atomic_write_text
-from leukodet.models.base import RAW_MAX_DETECTIONS, RAW_SCORE_FLOOR
+from leukodet.models.base import RAW_MAX_DETECTIONS, RAW_SCORE_FLOOR, scoring_floor
 from leukodet.registry import METRICS
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def sweep(dataset_dicts: Sequence[dict], raw: Sequence, class_names: Sequence[st
     raw = to_rle_predictions(raw, dataset_dicts)
     binding_warnings(min_confidences, cache_floor, cache_cap, raw)
     rows = []
-    floor = min(cache_floor, *min_confidences)
+    floor = scoring_floor(min(min_confidences), cache_floor)
     for nms in nms_values:
         # the detector's NMS and cap commute with a higher score cut: filter once per NMS, and let
         # the evaluator apply each min confidence (AP is scored over all scores, see Evaluator)

@@ -14,6 +14,12 @@ RAW_SCORE_FLOOR = 0.05
 RAW_MAX_DETECTIONS = 1000
 
 
+def scoring_floor(min_confidence: float, floor: float = RAW_SCORE_FLOOR) -> float:
+    """The lowest score an evaluation keeps: AP is scored over every score above it, P/R/F1 and
+    counts above ``min_confidence`` (see ``leukodet.evaluation.metrics.Evaluator``)."""
+    return min(floor, min_confidence)
+
+
 @dataclass
 class Detections:
     """Predictions for one image, on the CPU. ``labels`` are 0-based class ids; ``masks`` is bool
@@ -80,11 +86,11 @@ class DetectorAdapter(torch.nn.Module):
         """Predict with a low score floor, no final NMS and a high cap (for a threshold-sweep cache)."""
         return self.thresholds_set(floor, 1.0, cap)
 
-    def scored_predictions(self, floor: float = RAW_SCORE_FLOOR):
-        """Predict down to ``floor`` with the usual NMS and cap: what the evaluator needs, since AP
-        is scored on every detection above the floor and P/R/F1/counts above min confidence (the
+    def scored_predictions(self):
+        """Predict down to the scoring floor with the usual NMS and cap: what the evaluator needs, since
+        AP is scored on every detection above the floor and P/R/F1/counts above min confidence (the
         detector's NMS and cap commute with a higher score cut, so the latter are exact)."""
-        return self.thresholds_set(min_confidence=floor)
+        return self.thresholds_set(min_confidence=scoring_floor(self.thresholds()[0]))
 
     @property
     def device(self) -> torch.device:
