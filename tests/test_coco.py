@@ -8,8 +8,9 @@ import pytest
 from pycocotools.coco import COCO
 
 from leukodet.data.coco import load_dataset_dicts, read_coco, write_coco
+from leukodet.data.prepare import read_sources
 from leukodet.data.records import BOX, POINT, POLYGON, ImageRecord, Region
-from leukodet.data.via import AnnotationError, read_via
+from leukodet.data.via import AnnotationError, LabelPolicy, read_via
 from tests.conftest import write_image
 
 
@@ -102,8 +103,6 @@ def test_read_coco_rejects_non_coco(tmp_path):
 
 def test_via_to_coco_on_generated_sample_matches_generator_masks(wbc_sample, tmp_path):
     """The generator's own instance masks vs the COCO masks of the converted VIA polygons."""
-    from leukodet.data.via import LabelPolicy
-
     result = read_via(wbc_sample / "via_region_data.json", labels=LabelPolicy("cell_type"))
     classes = sorted({r.label for rec in result.records for r in rec.regions})
     coco = COCO(str(write_coco(tmp_path / "all.json", result.records, classes)))
@@ -111,3 +110,47 @@ def test_via_to_coco_on_generated_sample_matches_generator_masks(wbc_sample, tmp
     assert len(anns) >= 16
     for ann in anns:
         assert ann["area"] == pytest.approx(coco.annToMask(ann).sum(), rel=0.02)
+
+
+def coco_file(tmp_path, annotations, name="coco.json"):
+    write_image(tmp_path / "img.png", 100, 80)
+    coco = {"images": [{"id": 1, "file_name": "img.png", "width": 100, "height": 80}],
+            "categories": [{"id": 1, "name": "wbc"}], "annotations": annotations}
+    path = tmp_path / name
+    path.write_text(json.dumps(coco))
+    return path
+
+
+def test_via_point_layout_is_a_count_only_point(tmp_path):
+    """VIA's COCO export writes a point with an empty outline, empty box and one keypoint."""
+    path = coco_file(tmp_path, [
+        {"segmentation": [[]], "area": [], "bbox": [], "iscrowd": 0, "keypoints": [12, 7, 2], "num_keypoints": 1,
+         "id": 1, "image_id": 1, "category_id": 1},
+        {"segmentation": [[]], "area": [], "bbox": [], "iscrowd": 0, "keypoints": [0, 0, 0], "num_keypoints": 0,
+         "id": 2, "image_id": 1, "category_id": 1},
+        {"segmentation": [], "bbox": [5, 5, 10, 10], "iscrowd": 0, "id": 3, "image_id": 1, "category_id": 1},
+    ])
+    result = read_coco(path)
+    point, box = result.records[0].regions
+    assert (point.kind, point.label, point.points.tolist()) == (POINT, "wbc", [[12, 7]])
+    assert box.kind == BOX and box.bbox_xywh() == [5, 5, 10, 10]
+    assert [(s.region, s.reason) for s in result.skips] == [(2, "keypoint not labelled (visibility 0)")]
+
+
+@pytest.mark.parametrize("annotation, message", [
+    ({"segmentation": [], "bbox": [], "iscrowd": 0}, "annotation 9: no segmentation, no single keypoint and no bbox"),
+    ({"segmentation": [[]], "iscrowd": 0}, "annotation 9: no segmentation, no single keypoint and no bbox"),
+    ({"segmentation": [[1, 1, 9, 1, 9, 9]], "iscrowd": 0, "category_id": 4}, "annotation 9: category_id 4 is not"),
+])
+def test_malformed_annotation_names_file_and_annotation_and_other_files_still_convert(tmp_path, annotation, message):
+    bad = coco_file(tmp_path, [{"category_id": 1, **annotation, "id": 9, "image_id": 1}], "bad.json")
+    with pytest.raises(AnnotationError) as err:
+        read_coco(bad)
+    assert message in str(err.value) and str(bad) in str(err.value)
+
+    good = coco_file(tmp_path, [{"segmentation": [[1, 1, 9, 1, 9, 9]], "iscrowd": 0, "id": 1, "image_id": 1,
+                                 "category_id": 1}], "good.json")
+    result = read_sources([{"name": "coco", "path": str(bad)}, {"name": "coco", "path": str(good)}], LabelPolicy())
+    assert [len(r.regions) for r in result.records] == [1]
+    (skip,) = result.skips
+    assert skip.reason.startswith("annotation file unreadable") and message in skip.reason

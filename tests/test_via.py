@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from leukodet.data.records import BOX, POINT, POLYGON
-from leukodet.data.via import AnnotationError, LabelPolicy, polygon_area, read_via
+from leukodet.data.via import CSV_HEADER, AnnotationError, LabelPolicy, polygon_area, read_via
 from tests.conftest import write_image
 
 SQUARE = {"name": "polygon", "all_points_x": [10, 30, 30, 10], "all_points_y": [10, 10, 30, 30]}
@@ -80,6 +80,51 @@ def test_via_csv_export(tmp_path):
     assert records[0].regions[0].label == "blast"
 
 
+@pytest.mark.parametrize("label, close", [("Monocyte", "'monocyte'"), ("lymphoblst", "'lymphoblast'"),
+                                          ("MONO", "'monocyte'")])
+def test_unmapped_label_error_names_close_matches_in_the_map(tmp_path, label, close):
+    path = via2(tmp_path, [region(SQUARE, label)])
+    with pytest.raises(AnnotationError, match=f"close matches in the map: {close}; known: lymphoblast, monocyte"):
+        read_via(path, labels=LabelPolicy("class", {"lymphoblast": "a", "monocyte": "b"}))
+
+
+def write_csv(tmp_path, text):
+    write_image(tmp_path / "a.jpg")
+    path = tmp_path / "via.csv"
+    path.write_text(text)
+    return path
+
+
+def test_via_csv_undefined_is_no_label_but_undefined_inside_a_string_is_text(tmp_path):
+    path = write_csv(tmp_path, "\n".join([
+        "filename,file_size,file_attributes,region_count,region_id,region_shape_attributes,region_attributes",
+        'a.jpg,9,"{}",2,0,"{""name"":""point"",""cx"":1,""cy"":2}","{""class"":undefined,""note"":""""}"',
+        'a.jpg,9,"{}",2,1,"{""name"":""point"",""cx"":3,""cy"":4}","{""class"":""undefined ""}"',
+    ]))
+    result = read_via(path)
+    assert [r.label for r in result.records[0].regions] == ["undefined"]
+    assert [(s.region, s.reason) for s in result.skips] == [(0, "no label in region attribute 'class'")]
+
+
+@pytest.mark.parametrize("header, message", [
+    (",".join(CSV_HEADER[:-1]), "no region_attributes column"),
+    ("file,region_shape_attributes,attributes", "no filename, region_attributes column"),
+    ("", "the file is empty"),
+    ("  \n", "the file is empty"),
+])
+def test_via_csv_missing_columns_are_named(tmp_path, header, message):
+    path = write_csv(tmp_path, header)
+    with pytest.raises(AnnotationError) as err:
+        read_via(path)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_via_csv_cell_that_is_not_json_names_the_line(tmp_path):
+    path = write_csv(tmp_path, "filename,region_shape_attributes,region_attributes\na.jpg,{nope},{}\n")
+    with pytest.raises(AnnotationError, match="line 2: attribute cell is not JSON"):
+        read_via(path)
+
+
 def test_box_only_when_all_regions_are_rects(tmp_path):
     path = via2(tmp_path, [region({"name": "rect", "x": 1, "y": 1, "width": 9, "height": 9}),
                            region({"name": "point", "cx": 3, "cy": 3})])
@@ -105,8 +150,9 @@ def test_class_attribute_kinds_and_class_map(tmp_path):
 
 def test_unmapped_label_error_or_skip(tmp_path):
     path = via2(tmp_path, [region(SQUARE, "monocyte")])
-    with pytest.raises(AnnotationError, match="'monocyte' is not in the class map"):
+    with pytest.raises(AnnotationError, match="'monocyte' is not in the class map") as err:
         read_via(path, labels=LabelPolicy("class", {"lymphoblast": "lymphoblast"}))
+    assert "close matches" not in str(err.value)
     result = read_via(path, labels=LabelPolicy("class", {"lymphoblast": "lymphoblast"}, unmapped="skip"))
     assert result.records[0].regions == [] and "not in the class map" in result.skips[0].reason
 
@@ -116,7 +162,7 @@ def test_bad_regions_are_each_reported_and_the_rest_kept(tmp_path):
         region({"name": "polygon", "all_points_x": [1, 20], "all_points_y": [1, 20]}),  # 2 points
         region({"name": "polygon", "all_points_x": [1, 20, float("nan")], "all_points_y": [1, 2, 3]}),
         region({"name": "polygon", "all_points_x": [1, 5, 9], "all_points_y": [1, 5, 9]}),  # collinear
-        region({"name": "polygon", "all_points_x": [1, 200, 9], "all_points_y": [1, 5, 9]}),  # far outside
+        region({"name": "polygon", "all_points_x": [70, 200, 90], "all_points_y": [1, 5, 9]}),  # wholly outside
         region({"name": "polygon", "all_points_x": ["a", 2, 3], "all_points_y": [1, 5, 9]}),  # wrong type
         region({"name": "polygon", "all_points_x": [1, 2, 3], "all_points_y": [1, 5]}),  # length mismatch
         region({"name": "rect", "x": 5, "y": 5, "width": 0, "height": 0}),  # zero size (as in bccd)
@@ -132,7 +178,7 @@ def test_bad_regions_are_each_reported_and_the_rest_kept(tmp_path):
                      "3 x values but 2 y values", "fewer than 3 distinct", "unsupported shape 'hexagon'",
                      "no 'y' key", "not an object"):
         assert any(expected in r for r in reasons), expected
-    (kept,) = result.records[0].regions  # slightly outside: clipped to the image
+    (kept,) = result.records[0].regions  # crossing the border: clipped to the image
     assert kept.points.min() == 0 and kept.points[:, 0].max() == 64 and kept.points[:, 1].max() == 48
 
 
@@ -173,8 +219,11 @@ def test_non_ascii_file_names_and_same_name_in_two_folders(tmp_path):
     ('{"a.jpg1": {"filename": "a.jpg", "regions": [', "not valid JSON at line 1 column"),
     ("", "the file is empty"),
     ("[1, 2, 3]", "not a VIA annotation file"),
+    ("[]", "expected an object of images, got a list of 0 items"),
+    ("{}", "got an empty object"),
     ('{"images": [], "annotations": []}', "is this a VIA file"),
     ('{"project": {}, "config": {}, "attribute": {}, "file": {}, "metadata": {}, "view": {}}', "VIA 3 project"),
+    ('{"project": {}, "config": {}, "attribute": {}, "file": {}, "metadata": {}, "view": {}}', "'name: coco'"),
     ('{"a": {"filename": "a.jpg", "regions": 5}}', "'regions' of type int"),
 ])
 def test_bad_files_raise_naming_the_file(tmp_path, text, message):

@@ -17,8 +17,8 @@ import numpy as np
 
 from leukodet.data.imageio import ImageReadError, image_size
 from leukodet.data.records import BOX, BOX_MODE_XYWH_ABS, POINT, POLYGON, ImageRecord, Region, Skip
-from leukodet.data.via import AnnotationError, LabelPolicy, ParseResult, load_json, check_geometry, \
-    RegionProblem, polygon_area
+from leukodet.data.via import CLIPPED, MIN_AREA_INSIDE_PX, AnnotationError, LabelPolicy, ParseResult, RegionProblem, \
+    box_corners, check_geometry, finite_numbers, gets_clipped, load_json, polygon_area
 from leukodet.io import atomic_write_text
 from leukodet.registry import DATASETS
 
@@ -90,9 +90,10 @@ def load_dataset_dicts(path: str | os.PathLike) -> tuple[list[dict], dict]:
 
 @DATASETS.register(name="coco")
 def read_coco(path: str | os.PathLike, image_dir: str | os.PathLike | None = None,
-              labels: LabelPolicy | None = None) -> ParseResult:
+              labels: LabelPolicy | None = None, min_area_inside: float = MIN_AREA_INSIDE_PX) -> ParseResult:
     """Read a third-party COCO instances file as records (polygons; an RLE mask becomes the polygon of its largest part;
-    annotations without segmentation are boxes). Crowd regions are skipped and reported."""
+    annotations without segmentation are boxes, or count-only points when they hold one keypoint, as VIA's COCO export
+    writes a point). Crowd regions are skipped and reported. Shapes are clipped to the image as in ``read_via``."""
     path = Path(path)
     if not path.is_file():
         raise AnnotationError(f"{path}: annotation file not found")
@@ -115,24 +116,28 @@ def read_coco(path: str | os.PathLike, image_dir: str | os.PathLike | None = Non
             continue
         record = ImageRecord(str(image_path.resolve()), [], width, height, str(path))
         for ann in by_image.get(image["id"], []):
+            where = f"{path}: annotation {ann.get('id')}"
+            if ann.get("category_id") not in names:
+                raise AnnotationError(f"{where}: category_id {ann.get('category_id')!r} is not among the categories")
             try:
-                target = labels.target(names[ann["category_id"]], f"{path}: annotation {ann['id']}")
+                target = labels.target(names[ann["category_id"]], where)
                 if target is None:
                     raise RegionProblem("label dropped by the class map")
-                record.regions.append(check_geometry(_coco_region(ann, target, height, width), width, height))
+                region = _coco_region(ann, target, height, width, where)
+                record.regions.append(check_geometry(region, width, height, min_area_inside))
             except RegionProblem as problem:
-                result.skips.append(Skip(str(path), record.file_name, ann["id"], str(problem)))
+                result.skips.append(Skip(str(path), record.file_name, ann.get("id"), str(problem)))
+                continue
+            if gets_clipped(region, width, height):
+                result.changes[CLIPPED] += 1
         result.records.append(record)
     return result
 
 
-def _coco_region(ann: dict, label: str, height: int, width: int) -> Region:
+def _coco_region(ann: dict, label: str, height: int, width: int, where: str) -> Region:
     if ann.get("iscrowd", 0):
         raise RegionProblem("crowd region (iscrowd=1)")
     segmentation = ann.get("segmentation")
-    if not segmentation:
-        x, y, w, h = ann["bbox"]
-        return Region(label, BOX, np.array([[x, y], [x + w, y], [x + w, y + h], [x, y + h]], float))
     if isinstance(segmentation, dict):  # RLE: trace its outer contours
         import cv2
         from pycocotools import mask as mask_utils
@@ -142,9 +147,33 @@ def _coco_region(ann: dict, label: str, height: int, width: int) -> Region:
         contours, _ = cv2.findContours(mask_utils.decode(rle), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         polygons = [c.reshape(-1, 2).astype(float) for c in contours]
     else:
-        polygons = [np.asarray(p, float).reshape(-1, 2) for p in segmentation]
+        polygons = [np.asarray(p, float).reshape(-1, 2) for p in segmentation or []]
+        if not any(len(p) for p in polygons):  # no outline at all ([] or VIA's [[]]): a point or a box
+            point = _single_keypoint(ann)
+            return Region(label, POINT, point) if point is not None else Region(label, BOX, _bbox_corners(ann, where))
     polygons = [p for p in polygons if len(p) >= 3]
     if not polygons:
         raise RegionProblem("segmentation has no polygon with 3 or more points")
     # One annotation is one cell: keep its largest part, so fragments never count as cells.
     return Region(label, POLYGON, max(polygons, key=polygon_area))
+
+
+def _single_keypoint(ann: dict) -> np.ndarray | None:
+    """The (1, 2) point of an annotation holding exactly one keypoint ``[x, y, visibility]`` (VIA's
+    COCO export writes a point so); None for other annotations."""
+    keypoints = ann.get("keypoints")
+    if not isinstance(keypoints, list) or len(keypoints) != 3:
+        return None
+    x, y, visibility = finite_numbers(keypoints, "keypoints")
+    if visibility == 0:  # COCO: 0 is "not labelled", its x and y mean nothing
+        raise RegionProblem("keypoint not labelled (visibility 0)")
+    return np.array([[x, y]])
+
+
+def _bbox_corners(ann: dict, where: str) -> np.ndarray:
+    bbox = ann.get("bbox")
+    if not isinstance(bbox, list) or len(bbox) != 4:
+        raise AnnotationError(f"{where}: no segmentation, no single keypoint and no bbox [x, y, w, h] "
+                              f"(segmentation={ann.get('segmentation')!r}, bbox={bbox!r})")
+    x, y, w, h = finite_numbers(bbox, "bbox")
+    return box_corners(x, y, x + w, y + h)

@@ -46,17 +46,20 @@ class Prepared:
 # ---------------------------------------------------------------- reading and cleaning
 
 
-def read_sources(sources: Sequence[Mapping[str, Any]], labels: LabelPolicy) -> ParseResult:
+def read_sources(sources: Sequence[Mapping[str, Any]], labels: LabelPolicy,
+                 min_area_inside: float | None = None) -> ParseResult:
     """Read every source (``{name: via|coco|<plugin>, path: ..., image_dir: ...}``).
 
     A source file that cannot be read at all is reported as skipped and the others are still
-    converted; only when no source can be read is that an error.
+    converted; only when no source can be read is that an error. ``min_area_inside`` (px²), when
+    set, goes to every reader; unset, each keeps its default (a plugin need not take it).
     """
     result = ParseResult([], [])
     failures = []
+    geometry = {} if min_area_inside is None else {"min_area_inside": min_area_inside}
     for source in sources:
         try:
-            result.extend(DATASETS.build(source, labels=labels))
+            result.extend(DATASETS.build(source, labels=labels, **geometry))
         except UnmappedLabelError:
             raise
         except AnnotationError as err:
@@ -282,18 +285,21 @@ def prepare_dataset(sources: Sequence[Mapping[str, Any]], out_dir: str | Path, c
                     split: Mapping[str, float] | None = None, pinned: Mapping[str, str] | None = None,
                     seed: int = 0,
                     flips: Sequence[str] = ("x", "y", "xy"), balance: bool | str = False, target_ratio: float = 1.0,
-                    scale: float = 1.0, size_classes: Mapping[str, Any] | None = None) -> Prepared:
+                    scale: float = 1.0, size_classes: Mapping[str, Any] | None = None,
+                    min_area_inside: float | None = None) -> Prepared:
     """Run the whole preparation and write ``out_dir/{train,val,test}.json``, ``summary.csv``
     and ``skipped.csv``. Returns the written paths and the summary table.
 
     ``size_classes`` (a ``SizeRule`` mapping, see ``leukodet.data.sizes``) relabels every cell by its
-    area after the class map, in source pixels; ``classes`` then defaults to the rule's classes."""
+    area after the class map, in source pixels; ``classes`` then defaults to the rule's classes.
+    Shapes are clipped to their image; ``min_area_inside`` (px², reader default 1) is the least area
+    inside the image for a shape to be kept."""
     if balance not in (True, False, "per_source"):
         raise ValueError(f"prepare.balance={balance!r}: use true, false or per_source")
     out_dir = Path(out_dir)
     labels = LabelPolicy(class_attribute, dict(class_map or {}), unmapped)
     size_rule = SizeRule.from_config(size_classes)
-    parsed = read_sources(sources, labels)
+    parsed = read_sources(sources, labels, min_area_inside)
     box_only = parsed.box_only
     records, skips = clean(parsed.records)
     skips = parsed.skips + skips
@@ -335,5 +341,6 @@ def prepare_dataset(sources: Sequence[Mapping[str, Any]], out_dir: str | Path, c
     print(f"prepared {len(records)} images{point_note}, classes {classes}, box_only={box_only}")
     print(table.to_string(index=False))
     print_skip_summary(skips, out_dir / "skipped.csv")
+    print(parsed.describe_changes())
     print(f"results saved to {out_dir}")
     return Prepared(out_dir, split_files, table, skips)
