@@ -15,6 +15,7 @@ demo: install
 		infer.out_dir=$(DEMO_RUN)/infer
 
 test: install
+	lint-imports
 	$(PYTHON) -m pytest
 
 test-all: install

@@ -26,8 +26,12 @@ from omegaconf import OmegaConf
 from leukodet.data.catalog import class_colors
 from leukodet.data.synthetic import generate_smears
 from leukodet.engine.evaluate import load_detector
-from leukodet.engine.infer import InferenceReader, discover_images, relative_name, save_image_result
+from leukodet.engine.inference.discovery import discover_images, relative_name
+from leukodet.engine.inference.run import InferenceReader, image_record
+from leukodet.engine.inference.store import RecordStore
 from leukodet.engine.predictor import predict_original
+from leukodet.engine.train import trained_point
+from leukodet.viz import draw_predictions, write_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 PEAK_RSS = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
@@ -58,19 +62,21 @@ def plain_loop(ckpt: Path, folder: Path, out: Path) -> float:
     """images/s of the obvious loop: read + preprocess, predict one image, write its outputs."""
     cfg = OmegaConf.load(ckpt.parent.parent / "config.yaml")
     module = load_detector(ckpt)
-    module.adapter.set_thresholds(cfg.eval.min_confidence, cfg.eval.nms, cfg.eval.max_detections)
+    point = trained_point(cfg)
     class_names = list(module.hparams.class_names)
     colors = class_colors(len(class_names))
     reader = InferenceReader(cfg.preprocess, 100, with_display=True)
     root, images = discover_images(folder)
+    store = RecordStore(out, root)
     start = time.perf_counter()
     with torch.inference_mode():
         for path in images:
             image_start = time.perf_counter()
             sample = reader(path)
-            prediction = predict_original(module.adapter, [sample])[0]
-            save_image_result(out, relative_name(path, root), path, sample, prediction, class_names, colors,
-                              time.perf_counter() - image_start, overlays=True)
+            prediction = predict_original(module.adapter, [sample], point)[0]
+            rel = relative_name(path, root)
+            write_rgb(store.overlay_path(rel), draw_predictions(sample["display"], prediction, class_names, colors))
+            store.save(image_record(rel, path, sample, prediction, class_names, time.perf_counter() - image_start))
     return len(images) / (time.perf_counter() - start)
 
 

@@ -93,7 +93,7 @@ def bench_chain(path: Path, filter_steps: list[dict], repeats: int) -> None:
 def bench_loader_vs_model(folder: Path, large_jpeg: Path, filter_steps: list[dict], repeats: int) -> None:
     import leukodet.models  # noqa: F401  (registers the models)
     from leukodet.data.coco import load_dataset_dicts, write_coco
-    from leukodet.data.mapper import DatasetMapper
+    from leukodet.preprocess.mapper import DatasetMapper
     from leukodet.data.synthetic import generate_smears
     from leukodet.data.via import LabelPolicy, read_via
     from leukodet.registry import MODELS

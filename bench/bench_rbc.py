@@ -53,7 +53,7 @@ def chula_table(ckpt: Path, out: Path, splits: list[str], min_confidences: list[
                                                   model_cfg={**trained_cfg, **CHULA_SIZE}).eval()
     records, raw = [], []
     for split in splits:
-        split_records, split_raw = cached_raw_predictions(cfg, module, split)
+        split_records, split_raw = cached_raw_predictions(cfg, module, ckpt, split)
         records += split_records
         raw += split_raw
     return count_table(merge_classes(records), raw, ["RBC"], min_confidences, cfg.eval.nms, cfg.eval.max_detections)

@@ -24,8 +24,8 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from leukodet.data.catalog import get_dataset_dicts, get_metadata
-from leukodet.engine.evaluate import cached_raw_predictions, evaluate_split, load_detector, predict_split
-from leukodet.engine.train import fit
+from leukodet.engine.evaluate import cached_raw_predictions, load_detector, predict_split, score_split
+from leukodet.engine.train import fit, trained_point
 from leukodet.evaluation.sweep import sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def compose(*overrides):
 def best_f1(cfg, module, checkpoint: Path) -> dict:
     """The test split's best F1 over min confidence 0.05-0.95 at the run's NMS, from the raw cache."""
     cfg = OmegaConf.merge(cfg, {"ckpt": str(checkpoint)})
-    records, raw = cached_raw_predictions(cfg, module, "test")
+    records, raw = cached_raw_predictions(cfg, module, checkpoint, "test")
     classes = get_metadata(f"{cfg.data.name}_test")["thing_classes"]
     grid = [round(0.05 * k, 2) for k in range(1, 20)]
     return sweep(records, raw, classes, grid, [cfg.eval.nms], cfg.eval.max_detections, "f1")[1]
@@ -55,11 +55,11 @@ def best_f1(cfg, module, checkpoint: Path) -> dict:
 def milliseconds_per_image(cfg, module) -> float:
     """Inference time per test image, one at a time in this process (decode, preprocessing, model)."""
     records = get_dataset_dicts(f"{cfg.data.name}_test")
-    module.adapter.set_thresholds(cfg.eval.min_confidence, cfg.eval.nms, cfg.eval.max_detections)
+    point = trained_point(cfg)
     cfg = OmegaConf.merge(cfg, {"train": {"batch_size": 1, "num_workers": 0}})
-    predict_split(cfg, module, records[:2], "warm-up")
+    predict_split(cfg, module, records[:2], point, "warm-up")
     start = time.perf_counter()
-    predict_split(cfg, module, records, "timing")
+    predict_split(cfg, module, records, point, "timing")
     return round(1000 * (time.perf_counter() - start) / len(records), 1)
 
 
@@ -81,7 +81,7 @@ def main() -> None:
             trained = fit(cfg, run_dir)
             seconds = time.perf_counter() - start
             module = load_detector(trained.best_checkpoint)
-            summary = evaluate_split(cfg, module, "test", run_dir).summary()
+            summary = score_split(cfg, module, trained.best_checkpoint, "test", trained_point(cfg), run_dir).summary()
             best = best_f1(cfg, module, trained.best_checkpoint)
             rows.append({"dataset": dataset, "arm": arm, "steps": args.steps, "train_s": round(seconds),
                          "ap50_segm": summary.get("ap50_segm"), "ap50_bbox": summary["ap50_bbox"],

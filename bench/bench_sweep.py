@@ -19,7 +19,7 @@ from leukodet.data.pipeline import ensure_prepared
 from leukodet.engine.evaluate import load_detector, predict_split
 from leukodet.evaluation.metrics import evaluate
 from leukodet.evaluation.sweep import sweep
-from leukodet.models.base import RAW_MAX_DETECTIONS, RAW_SCORE_FLOOR
+from leukodet.structures import RAW, OperatingPoint
 
 REPO = Path(__file__).resolve().parents[1]
 MIN_CONFIDENCES = [0.5, 0.6, 0.7, 0.8, 0.9]
@@ -39,8 +39,7 @@ def main() -> None:
     module = load_detector(ckpt)
 
     start = time.perf_counter()
-    with module.adapter.raw_predictions(RAW_SCORE_FLOOR, RAW_MAX_DETECTIONS):
-        raw = predict_split(cfg, module, records, "raw predictions (once)")
+    raw = predict_split(cfg, module, records, RAW, "raw predictions (once)")
     cache_build = time.perf_counter() - start
     start = time.perf_counter()
     table, best = sweep(records, raw, classes, MIN_CONFIDENCES, NMS_VALUES)
@@ -50,8 +49,8 @@ def main() -> None:
     worst_gap = 0.0
     for nms in NMS_VALUES:
         for min_confidence in MIN_CONFIDENCES:
-            module.adapter.set_thresholds(min_confidence, nms, 300)
-            direct = predict_split(cfg, module, records, f"model at {min_confidence}/{nms}")
+            point = OperatingPoint(min_confidence, nms, 300)
+            direct = predict_split(cfg, module, records, point, f"model at {min_confidence}/{nms}")
             f1 = evaluate(records, direct, classes, min_confidence=min_confidence).summary()["f1"]
             cached = table[(table.min_confidence == min_confidence) & (table.nms == nms)].f1.iloc[0]
             worst_gap = max(worst_gap, abs(f1 - cached)) if f1 == f1 else worst_gap

@@ -39,10 +39,12 @@ class TrainSchema:
 
 @dataclass
 class EvalSchema:
-    min_confidence: float = 0.5
-    nms: float = 0.5
-    max_detections: int = 300
+    # the operating point; null (in the checkpoint tools' config) means "not given on the command line"
+    min_confidence: Optional[float] = 0.5
+    nms: Optional[float] = 0.5
+    max_detections: Optional[int] = 300
     iou_threshold: float = 0.5
+    share_class: Optional[str] = None
     split: str = "test"
     sweep_min_confidence: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])
     sweep_nms: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.5])
@@ -54,8 +56,6 @@ class EvalSchema:
 class InferSchema:
     out_dir: str = MISSING
     overwrite: bool = False
-    min_confidence: Optional[float] = None
-    nms: Optional[float] = None
     batch_size: Optional[int] = None
     num_workers: Optional[int] = None
     overlays: bool = True

@@ -40,11 +40,12 @@ def wbc_sample(tmp_path_factory) -> Path:
     return out
 
 
-def compose(*overrides: str):
-    """The project's Hydra config, composed as the tools compose it."""
+def compose(*overrides: str, config_name: str = "config"):
+    """The project's Hydra config, composed as the tools compose it (``checkpoint`` for evaluate and
+    count_table, ``inference`` for infer)."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
     import leukodet  # noqa: F401  (registers the typed config schemas)
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+        return hydra_compose(config_name=config_name, overrides=list(overrides))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from leukodet.data.mapper import rasterize
+from leukodet.preprocess.mapper import rasterize
 from tests.conftest import compose
 
 d2 = pytest.importorskip("detectron2", reason="detectron2 is optional and not installed (built from source)")
@@ -16,7 +16,7 @@ def test_ap50_matches_detectron2_coco_evaluator(tmp_path):
 
     from leukodet.data.catalog import get_dataset_dicts
     from leukodet.data.pipeline import ensure_prepared
-    from leukodet.evaluation.detectron2_evaluator import build_detectron2_evaluator
+    from leukodet.integrations.detectron2 import build_detectron2_evaluator
 
     cfg = compose(f"data.root={tmp_path / 'data'}", "data.generate.n_images=12")
     ensure_prepared(cfg.data)

@@ -19,8 +19,11 @@ from pycocotools import mask as mask_utils
 
 from conftest import REPO, compose, write_image
 from leukodet.data.via import LabelPolicy, read_via
-from leukodet.engine.infer import (discover_images, operating_point, overlay_path, run_inference,
-                                   write_folder_summary)
+from leukodet.engine.evaluate import evaluate_checkpoint, operating_point, run_config
+from leukodet.engine.inference import run_inference
+from leukodet.engine.inference.discovery import discover_images
+from leukodet.engine.inference.store import RecordStore
+from leukodet.engine.inference.writers import FolderSummary
 
 GOOD = ["slideA/patient00_img000.jpg", "slideA/patient00_img001.jpg", "slideB/patient00_img002.JPEG",
         "slideB/gray.png", "slideB/rgba.PNG", "slideC/deep16.tif"]
@@ -30,9 +33,10 @@ BAD = {"slideB/not_an_image.png": "not an image file", "slideC/truncated.jpg": "
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
-    """A detector trained for 6 steps on generated 256x192 smears (a run dir with config.yaml)."""
+    """A detector trained for 6 steps with the seed's segmented arm (min confidence 0.85) on generated
+    256x192 smears (a run dir with config.yaml)."""
     tmp = tmp_path_factory.mktemp("infer_run")
-    args = [sys.executable, str(REPO / "tools" / "train.py"), f"data.root={tmp / 'data'}",
+    args = [sys.executable, str(REPO / "tools" / "train.py"), "+exp=segmented", f"data.root={tmp / 'data'}",
             "data.generate.n_images=16", "+data.generate.width=256", "+data.generate.height=192",
             "train.max_steps=6", "train.steps_per_epoch=6", "train.num_workers=0", "train.warmup_steps=2",
             "model.min_size=192", "model.max_size=256", f"train.run_dir={tmp / 'run'}", f"paths.output_dir={tmp / 'out'}"]
@@ -61,9 +65,10 @@ def smear_folder(trained_run, tmp_path) -> Path:
     return folder
 
 
-def infer_cfg(run: Path, folder: Path, out: Path, *overrides: str):
+def infer_cfg(run: Path, folder: Path, out: Path, *overrides: str, min_confidence: str = "0.05"):
+    point = [f"eval.min_confidence={min_confidence}"] if min_confidence else []
     return compose(f"ckpt={run / 'run' / 'checkpoints' / 'last.ckpt'}", f"input={folder}", f"infer.out_dir={out}",
-                   "infer.min_confidence=0.05", "infer.max_megapixels=0.2", "infer.num_workers=0", *overrides)
+                   "infer.max_megapixels=0.2", "infer.num_workers=0", *point, *overrides, config_name="inference")
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -83,29 +88,88 @@ def test_discovery_is_recursive_case_blind_sorted_and_takes_one_file(tmp_path):
         discover_images(tmp_path / "missing")
 
 
-def test_thresholds_json_is_used_unless_overridden(tmp_path):
-    run_cfg = OmegaConf.create({"ckpt": str(tmp_path / "best.ckpt"),
-                                "eval": {"min_confidence": 0.5, "nms": 0.5, "max_detections": 300}})
-    none = OmegaConf.create({"min_confidence": None, "nms": None})
-    point = operating_point(run_cfg, none)
-    assert (point.min_confidence, point.nms, point.max_detections) == (0.5, 0.5, 300) and "eval config" in point.source
-    (tmp_path / "thresholds.json").write_text(json.dumps({"min_confidence": 0.8, "nms": 0.3, "metric": "f1", "split": "val"}))
-    point = operating_point(run_cfg, none)
-    assert (point.min_confidence, point.nms) == (0.8, 0.3) and point.source == "thresholds.json (best f1 on val)"
-    point = operating_point(run_cfg, OmegaConf.create({"min_confidence": 0.6, "nms": None}))
-    assert (point.min_confidence, point.nms) == (0.6, 0.3) and "overridden: infer.min_confidence" in point.source
+def fake_run(tmp_path: Path, trained_eval: dict) -> Path:
+    """A run directory holding a config.yaml with this eval and an (empty) checkpoint file."""
+    (tmp_path / "checkpoints").mkdir(parents=True)
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(compose(*(f"eval.{k}={v}" for k, v in trained_eval.items()))))
+    (tmp_path / "checkpoints" / "best.ckpt").write_bytes(b"")
+    return tmp_path / "checkpoints" / "best.ckpt"
+
+
+def test_operating_point_command_line_then_thresholds_json_then_the_trained_eval(tmp_path):
+    ckpt = fake_run(tmp_path, {"min_confidence": 0.85, "nms": 0.4})
+
+    def point(*overrides):
+        return operating_point(run_config(compose(f"ckpt={ckpt}", *overrides, config_name="checkpoint")))
+
+    assert (point().min_confidence, point().nms, point().max_detections) == (0.85, 0.4, 300)
+    assert point().source == "min_confidence from training run's eval; nms from training run's eval; " \
+                             "max_detections from training run's eval"
+    (ckpt.parent / "thresholds.json").write_text(json.dumps({"min_confidence": 0.8, "nms": 0.3, "metric": "f1",
+                                                             "split": "val"}))
+    assert (point().min_confidence, point().nms) == (0.8, 0.3)
+    assert "min_confidence from thresholds.json (best f1 on val)" in point().source
+    given = point("eval.min_confidence=0.6")
+    assert (given.min_confidence, given.nms) == (0.6, 0.3) and "min_confidence from command line" in given.source
 
 
 def test_folder_summary_flags_a_share_above_the_threshold(tmp_path):
-    folders = {"p1": {"images": 2, "lymphoblast": 2, "non_lymphoblast": 8},  # 20%: not above
-               "p2": {"images": 1, "lymphoblast": 3, "non_lymphoblast": 7},  # 30%
-               "p3": {"images": 1, "lymphoblast": 0, "non_lymphoblast": 0}}  # no cells: no share
-    write_folder_summary(tmp_path / "f.csv", folders, ["lymphoblast", "non_lymphoblast"], 0.2)
+    classes = ["lymphoblast", "non_lymphoblast"]
+    records = [{"file": "p1/a.jpg", "counts": {"lymphoblast": 1, "non_lymphoblast": 4}},  # p1: 20%, not above
+               {"file": "p1/b.jpg", "counts": {"lymphoblast": 1, "non_lymphoblast": 4}},
+               {"file": "p2/c.jpg", "counts": {"lymphoblast": 3, "non_lymphoblast": 7}},  # 30%
+               {"file": "p3/d.jpg", "counts": {"lymphoblast": 0, "non_lymphoblast": 0}}]  # no cells: no share
+    with FolderSummary(tmp_path / "f.csv", classes, "lymphoblast", 0.2) as summary:
+        for image_id, record in enumerate(records, 1):
+            summary.add(image_id, record)
     rows = {r["folder"]: r for r in read_csv(tmp_path / "f.csv")}
     assert [rows[f]["share_above_0.2"] for f in ("p1", "p2", "p3")] == ["no", "yes", "no"]
     assert rows["p2"]["lymphoblast_share"] == "0.3000" and rows["p3"]["lymphoblast_share"] == ""
     assert "research aid, not a diagnosis" in rows["p2"]["note"] and rows["p1"]["note"] == ""
     assert rows["p1"]["total"] == "10" and rows["p1"]["images"] == "2"
+    with FolderSummary(tmp_path / "g.csv", classes, "non_lymphoblast", 0.5) as summary:  # another share class
+        summary.add(1, records[2])
+    assert read_csv(tmp_path / "g.csv")[0]["non_lymphoblast_share"] == "0.7000"
+
+
+def test_evaluate_and_infer_use_the_trained_point_then_the_sweep_then_the_command_line(trained_run, smear_folder,
+                                                                                        tmp_path):
+    """The seed's segmented arm trains at min confidence 0.85: evaluation and inference of its
+    checkpoint use 0.85 without a sweep, the sweep's point after one, and a command-line value when given."""
+    ckpt = trained_run / "run" / "checkpoints" / "last.ckpt"
+    folder = smear_folder / "slideA"
+
+    def infer(out, *overrides):
+        run_inference(infer_cfg(trained_run, folder, out, "infer.overlays=false", *overrides, min_confidence=""), out)
+        return json.loads((out / "run.json").read_text()), pd.read_csv(out / "counts.csv")
+
+    settings, counts = infer(tmp_path / "trained")
+    assert settings["min_confidence"] == 0.85 and "min_confidence from training run's eval" in settings["thresholds_from"]
+    assert set(counts.min_confidence) == {0.85}
+
+    def found(*overrides):  # cells found on the val split, as tools/evaluate.py scores them
+        result = evaluate_checkpoint(compose(f"ckpt={ckpt}", "split=val", *overrides, config_name="checkpoint"),
+                                     tmp_path / "ev")
+        counts = [c for c in result.per_image if c.startswith("pred_") and not c.endswith("_share")]
+        return int(result.per_image[counts].sum().sum())
+
+    assert found() == found("eval.min_confidence=0.85") < found("eval.min_confidence=0.05")
+
+    thresholds = ckpt.parent / "thresholds.json"
+    try:
+        evaluate_checkpoint(compose(f"ckpt={ckpt}", "split=val", "sweep=true", "eval.sweep_min_confidence=[0.2,0.4]",
+                                    "eval.sweep_nms=[0.3]", config_name="checkpoint"), tmp_path / "sweep")
+        best = json.loads(thresholds.read_text())
+        assert best["split"] == "val" and best["min_confidence"] in (0.2, 0.4) and best["nms"] == 0.3
+        settings, counts = infer(tmp_path / "swept")
+        assert (settings["min_confidence"], settings["nms"]) == (best["min_confidence"], 0.3)
+        assert "thresholds.json (best f1 on val)" in settings["thresholds_from"]
+        assert set(counts.min_confidence) == {best["min_confidence"]}
+        settings, counts = infer(tmp_path / "given", "eval.min_confidence=0.05")
+        assert settings["min_confidence"] == 0.05 and "min_confidence from command line" in settings["thresholds_from"]
+        assert settings["nms"] == 0.3 and set(counts.min_confidence) == {0.05}
+    finally:
+        thresholds.unlink(missing_ok=True)
 
 
 def test_outputs_are_complete_and_consistent(trained_run, smear_folder, tmp_path):
@@ -130,7 +194,7 @@ def test_outputs_are_complete_and_consistent(trained_run, smear_folder, tmp_path
             assert float(row["lymphoblast_share"]) == pytest.approx(int(row["count_lymphoblast"]) / len(mine), abs=1e-4)
         assert (row["min_confidence"], row["nms"], row["model"]) == ("0.05", "0.5", "maskrcnn_effnet_lite0")
         assert (int(row["width"]), int(row["height"])) == (256, 192)
-        assert overlay_path(out, row["image"]).is_file()
+        assert RecordStore(out, smear_folder).overlay_path(row["image"]).is_file()
     assert (detections.score > 0.05).all()
 
     results = json.loads((out / "results_coco.json").read_text())
@@ -187,9 +251,9 @@ def test_resume_skips_done_images_and_settings_never_mix(trained_run, smear_fold
     assert set(rows_then) <= set(rows_now) and len(rows_now) == len(rows_then) + 1 and "slideD/new.png" in rows_now[-1]
 
     with pytest.raises(ValueError, match="min_confidence differ.*infer.overwrite=true"):
-        run_inference(infer_cfg(trained_run, smear_folder, out, "infer.min_confidence=0.3"), out)
-    summary = run_inference(infer_cfg(trained_run, smear_folder, out, "infer.min_confidence=0.3",
-                                      "infer.overwrite=true", "infer.overlays=false"), out)
+        run_inference(infer_cfg(trained_run, smear_folder, out, min_confidence="0.3"), out)
+    summary = run_inference(infer_cfg(trained_run, smear_folder, out, "infer.overwrite=true", "infer.overlays=false",
+                                      min_confidence="0.3"), out)
     assert (summary.processed, summary.skipped) == (7, 0)
     assert set(pd.read_csv(out / "counts.csv").min_confidence) == {0.3}
     assert (pd.read_csv(out / "detections.csv").score > 0.3).all()
@@ -198,7 +262,7 @@ def test_resume_skips_done_images_and_settings_never_mix(trained_run, smear_fold
 def test_tool_exit_status_and_output_folder(trained_run, smear_folder, tmp_path):
     ckpt = trained_run / "run" / "checkpoints" / "last.ckpt"
     tool = [sys.executable, str(REPO / "tools" / "infer.py"), f"ckpt={ckpt}", f"paths.output_dir={tmp_path}",
-            "infer.min_confidence=0.05", "infer.num_workers=0"]
+            "eval.min_confidence=0.05", "infer.num_workers=0"]
     done = subprocess.run(tool + [f"input={smear_folder / 'slideA'}"], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -212,22 +276,4 @@ def test_tool_exit_status_and_output_folder(trained_run, smear_folder, tmp_path)
     assert done.returncode == 1 and "no image could be processed" in done.stderr
     assert "x.jpg" in (tmp_path / "infer" / "bad" / "errors.csv").read_text()
     done = subprocess.run(tool + [f"input={tmp_path / 'missing'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 1 and "does not exist" in done.stderr
-
-
-def test_inference_runs_at_the_sweep_thresholds_beside_the_checkpoint(trained_run, smear_folder, tmp_path):
-    thresholds = trained_run / "run" / "checkpoints" / "thresholds.json"
-    thresholds.write_text(json.dumps({"min_confidence": 0.1, "nms": 0.3, "metric": "f1", "split": "val"}))
-    try:
-        out = tmp_path / "out"
-        cfg = compose(f"ckpt={thresholds.parent / 'last.ckpt'}", f"input={smear_folder / 'slideA'}",
-                      f"infer.out_dir={out}", "infer.num_workers=0", "infer.overlays=false")
-        run_inference(cfg, out)
-    finally:
-        thresholds.unlink()
-    settings = json.loads((out / "run.json").read_text())
-    assert (settings["min_confidence"], settings["nms"]) == (0.1, 0.3)
-    assert settings["thresholds_from"] == "thresholds.json (best f1 on val)"
-    counts = pd.read_csv(out / "counts.csv")
-    assert set(counts.min_confidence) == {0.1} and set(counts.nms) == {0.3}
-    assert (pd.read_csv(out / "detections.csv").score > 0.1).all()
+    assert done.returncode == 2 and "does not exist" in done.stderr and "Traceback" not in done.stderr

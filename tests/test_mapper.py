@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from leukodet.data.coco import load_dataset_dicts, write_coco
-from leukodet.data.mapper import DatasetMapper, rasterize
+from leukodet.preprocess.mapper import DatasetMapper, rasterize
 from leukodet.data.via import LabelPolicy, read_via
 from tests.conftest import compose
 

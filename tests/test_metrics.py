@@ -12,8 +12,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from leukodet.evaluation.metrics import evaluate
-from leukodet.evaluation.predictions import ImagePredictions
+from leukodet.evaluation.metrics import resolve_share_class, evaluate
+from leukodet.structures import ImagePredictions
 from leukodet.models.base import Detections
 from leukodet.registry import METRICS
 
@@ -153,7 +153,7 @@ def test_perfect_predictions_score_one_with_torch_detections():
         assert result.table.loc[row, "count_mae"] == 0 and result.table.loc[row, "count_bias"] == 0
     for row in ("all", *CLASSES):
         assert result.table.loc[row, ["ap50_bbox", "ap50_segm"]].tolist() == pytest.approx([1.0, 1.0])
-    assert result.summary()["count_accuracy"] == 1.0 and result.summary()["lymphoblast_share_mae"] == 0.0
+    assert result.summary()["count_accuracy"] == 1.0 and result.summary()["share_mae"] == 0.0
 
 
 def test_seed_count_mae_on_69_images():
@@ -205,9 +205,9 @@ def test_lymphoblast_share_and_count_accuracy_by_hand():
              prediction([])]  # nothing found: no predicted share, count 0 of 2
     result = evaluate(records, preds, CLASSES)
     summary = result.summary()
-    assert summary["lymphoblast_share_mae"] == pytest.approx((0.75 + 0) / 2)
-    assert summary["lymphoblast_share_bias"] == pytest.approx(0.75 / 2)
-    assert summary["lymphoblast_share_images_skipped"] == 2
+    assert summary["share_mae"] == pytest.approx((0.75 + 0) / 2)
+    assert summary["share_bias"] == pytest.approx(0.75 / 2)
+    assert summary["share_images_skipped"] == 2
     assert summary["count_accuracy"] == pytest.approx((2 / 4 + 1 + 0) / 3)
     assert summary["count_accuracy_images_skipped"] == 1
     assert result.per_image["true_lymphoblast_share"].tolist()[:2] == [0.25, 0.0]
@@ -225,7 +225,18 @@ def test_rbc_count_accuracy_by_hand():
     summary = evaluate(records, preds, rbc).summary()
     assert summary["count_accuracy"] == pytest.approx((4 / 5 + 1) / 2)
     assert summary["count_accuracy_images_skipped"] == 1
-    assert "lymphoblast_share_mae" not in summary  # no lymphoblast class
+    assert "true_large_share" in evaluate(records, preds, rbc).per_image  # the first class by default
+    assert resolve_share_class(None, ["cell"]) is None  # one class: no share to report
+
+
+def test_share_class_is_configurable_and_checked():
+    records = [record([(20, 20, 8, 0), (60, 20, 8, 1), (100, 20, 8, 1)], "a")]
+    preds = [prediction([(20, 20, 8, 0, 0.9), (60, 20, 8, 1, 0.9)])]
+    result = evaluate(records, preds, CLASSES, share_class=CLASSES[1])
+    assert result.per_image[f"true_{CLASSES[1]}_share"].tolist() == [pytest.approx(2 / 3)]
+    assert result.summary()["share_bias"] == pytest.approx(1 / 2 - 2 / 3)
+    with pytest.raises(ValueError, match="share_class='platelet' is not a class"):
+        evaluate(records, preds, CLASSES, share_class="platelet")
 
 
 def test_count_only_points():

@@ -1,6 +1,7 @@
 """Model adapters: offline weights, the losses/predict protocol, thresholds, errors."""
 
 import importlib.util
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -8,9 +9,12 @@ import timm
 import torch
 
 import leukodet.models  # noqa: F401
-from leukodet.models import Detections, postprocess
 from leukodet.models.backbones import effnet_lite0_imagenet_state_dict
+from leukodet.models.base import batchnorm_frozen
 from leukodet.registry import MODELS, RegistryError
+from leukodet.structures import RAW, Detections, OperatingPoint, refilter, to_original
+
+TORCHVISION_MODELS = ["maskrcnn_effnet_lite0", "maskrcnn_r50_fpn", "maskrcnn_r50_fpn_v2"]
 
 
 def tiny_batch(masks=True, n=2, size=(160, 192)):
@@ -71,8 +75,7 @@ def test_losses_backward_and_predict_shapes():
     total.backward()
     trained = [p for p in adapter.parameters() if p.requires_grad]
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
-    adapter.set_thresholds(min_confidence=0.0)
-    (det, _) = adapter.predict(tiny_batch())
+    (det, _) = adapter.predict(tiny_batch(), OperatingPoint(0.0))
     assert isinstance(det, Detections) and det.boxes.shape[1] == 4
     assert det.masks.dtype == torch.bool and det.masks.shape[1:] == (160, 192)
     assert det.labels.min() >= 0 and det.labels.max() <= 1
@@ -82,38 +85,66 @@ def test_box_only_has_no_mask_branch():
     adapter = build(masks=False)
     losses = adapter.losses(tiny_batch(masks=False))
     assert "loss_mask" not in losses and not adapter.has_masks
-    adapter.set_thresholds(min_confidence=0.0)
     assert adapter.predict(tiny_batch(masks=False))[0].masks is None
 
 
-def briefly_trained(seed: int):
+def briefly_trained(name: str, seed: int = 1):
     """A randomly initialised detector after 3 SGD steps on the tiny batch, so scores spread out."""
     torch.manual_seed(seed)
-    adapter = build(weights="none")
-    optimizer = torch.optim.SGD([p for p in adapter.parameters() if p.requires_grad], lr=0.01)
+    adapter = MODELS.build({"name": name}, num_classes=2, min_size=160, max_size=192, weights="none")
+    params = [p for p in adapter.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.01)
     for _ in range(3):
         loss = sum(adapter.losses(tiny_batch()).values())
         optimizer.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 10.0)  # as training does; ResNet-50 from scratch diverges without
         optimizer.step()
     return adapter
 
 
-def test_thresholds_and_postprocess_of_raw_predictions_match_the_model():
-    adapter = briefly_trained(seed=1)
+@pytest.mark.parametrize("name", TORCHVISION_MODELS)
+def test_refiltered_raw_detections_equal_the_detectors_own_output(name):
+    """The proof the one ``refilter`` rests on: raw detections (score floor, no final NMS) cut at a
+    point are exactly what the detector gives when it cuts at that point itself."""
+    adapter = briefly_trained(name)
     batch = tiny_batch()
-    with adapter.raw_predictions(floor=0.01, cap=1000):
-        raw = adapter.predict(batch)
-    assert adapter.thresholds() == (0.5, 0.5, 300)  # restored
-    for min_confidence, nms in ((0.05, 0.3), (0.1, 0.5), (0.02, 0.7)):
-        adapter.set_thresholds(min_confidence, nms, 50)
-        direct = adapter.predict(batch)
-        for r, d in zip(raw, direct):
-            assert len(r) > len(d) or len(d) == 0
-            again = postprocess(r, min_confidence, nms, 50)
-            assert torch.equal(again.labels, d.labels)
-            assert torch.allclose(again.boxes, d.boxes) and torch.allclose(again.scores, d.scores)
-            assert torch.equal(again.masks, d.masks)
+
+    def predict(point):
+        return [to_original(d, (1.0, 1.0), (192, 160)) for d in adapter.predict(batch, point)]
+
+    # RAW's floor with a floor of 0: a ResNet-50 from scratch after 3 steps scores every box low
+    raw = predict(replace(RAW, min_confidence=0.0))
+    scores = np.concatenate([r.scores for r in raw])
+    assert len(scores) > 20
+    for quantile, nms, cap in ((0.0, 0.3, 50), (0.5, 0.5, 300), (0.7, 0.7, 5)):
+        point = OperatingPoint(float(np.quantile(scores, quantile)), nms, cap)
+        for r, direct in zip(raw, predict(point)):
+            assert len(direct) < len(r)
+            again = refilter(r, point)
+            assert np.array_equal(again.labels, direct.labels) and np.allclose(again.scores, direct.scores)
+            assert np.allclose(again.boxes, direct.boxes, atol=1e-4)
+            assert [m["counts"] for m in again.rles] == [m["counts"] for m in direct.rles]
+
+
+def test_validation_losses_leave_batchnorm_statistics_alone():
+    """An R50 built without weights has ordinary BatchNorm: a validation pass must neither update
+    its running statistics nor leave any module in another mode."""
+    adapter = MODELS.build({"name": "maskrcnn_r50_fpn"}, num_classes=2, min_size=160, max_size=192, weights="none")
+    norms = [m for m in adapter.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms
+    before = [(m.running_mean.clone(), m.running_var.clone()) for m in norms]
+    adapter.train()
+    losses = adapter.validation_losses(tiny_batch())
+    assert "loss_mask" in losses and all(not v.requires_grad for v in losses.values())
+    assert all(m.training for m in adapter.modules())
+    for m, (mean, var) in zip(norms, before):
+        assert torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
+    adapter.losses(tiny_batch())  # a training pass does update them (the check above can fail)
+    assert any(not torch.equal(m.running_mean, mean) for m, (mean, _) in zip(norms, before))
+    with batchnorm_frozen(adapter.eval()):
+        assert all(not m.training for m in norms)
+    assert not any(m.training for m in adapter.modules())
 
 
 def test_resnet50_builds_offline_and_coco_weights_fail_with_a_way_out(monkeypatch):
@@ -157,5 +188,4 @@ def test_detectron2_adapter_trains_and_predicts():
                            device="cpu")
     losses = adapter.losses(tiny_batch())
     assert "loss_mask" in losses and torch.isfinite(sum(losses.values()))
-    adapter.set_thresholds(min_confidence=0.0)
-    assert adapter.predict(tiny_batch())[0].masks is not None
+    assert adapter.predict(tiny_batch(), OperatingPoint(0.0))[0].masks is not None

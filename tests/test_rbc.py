@@ -16,8 +16,7 @@ from leukodet.data.sizes import SizeRule, assign_size_classes
 from leukodet.data.via import LabelPolicy, read_via
 from leukodet.evaluation.counts import count_table, merge_classes
 from leukodet.evaluation.metrics import evaluate, touching_instances
-from leukodet.evaluation.predictions import ImagePredictions, encode_masks
-from leukodet.evaluation.sweep import refilter
+from leukodet.structures import ImagePredictions, OperatingPoint, encode_masks, refilter
 from tests.conftest import REPO, compose
 
 RBC = ["large", "normal", "small", "undefined"]
@@ -230,7 +229,7 @@ def test_count_table_by_hand_and_equal_to_evaluating_each_threshold():
         [(3 / 4 + 1) / 2, (2 / 4 + 1) / 2, (1 / 4 + 1) / 2])
     assert table.summary.min_confidence.tolist() == [0.7, 0.8, 0.9]
     for t, row in zip((0.7, 0.8, 0.9), table.summary.itertuples()):
-        direct = evaluate(records, [refilter(r, t, 0.5, 300) for r in raw], RBC)
+        direct = evaluate(records, [refilter(r, OperatingPoint(t, 0.5, 300)) for r in raw], RBC)
         summary = direct.summary()
         assert row.count_accuracy == summary["count_accuracy"] == means[f"accuracy_{t:g}"]
         assert row.detection_recall == summary["detection_recall"]
@@ -251,7 +250,7 @@ def test_rbc_experiment_composes():
     assert cfg.data.prepare.classes == ["large", "normal", "small"]
     assert cfg.model.name == "maskrcnn_r50_fpn" and cfg.model.min_size == 384
     assert cfg.eval.min_confidence == 0.7 and list(cfg.eval.count_min_confidence) == [0.7, 0.8, 0.9]
-    assert cfg.model.min_confidence == 0.7
+    assert "min_confidence" not in cfg.model  # the operating point lives in eval alone
     assert "scale_jitter" not in [t.name for t in cfg.augment.transforms]  # size is the class
     assert [s.name for s in cfg.preprocess.steps] == ["scale"]
 

@@ -9,10 +9,9 @@ import torch
 from torchvision.models.detection.roi_heads import RoIHeads
 
 from leukodet.evaluation.metrics import as_predictions, evaluate, to_rle_predictions
-from leukodet.evaluation.predictions import to_original
-from leukodet.evaluation.sweep import (binding_warnings, load_raw, load_thresholds, plot_heatmap, refilter, save_raw,
+from leukodet.evaluation.sweep import (binding_warnings, load_raw, load_thresholds, plot_heatmap, save_raw,
                                       save_thresholds, sweep)
-from leukodet.models.base import Detections
+from leukodet.structures import Detections, OperatingPoint, refilter
 from leukodet.registry import RegistryError
 
 H, W = 96, 128
@@ -66,7 +65,7 @@ def test_refilter_equals_the_detectors_own_filter(detectors):
     table, _ = sweep(records, raw, CLASSES, [0.05, 0.2, 0.3, 0.5], [0.2, 0.3, 0.5], cache_floor=0.01, cache_cap=1000)
     for min_confidence, nms, cap in POINTS:
         direct = [as_predictions(d(min_confidence, nms, cap), H, W) for d in detectors]
-        again = [refilter(r, min_confidence, nms, cap) for r in raw]
+        again = [refilter(r, OperatingPoint(min_confidence, nms, cap)) for r in raw]
         assert any(len(a) < len(r) for a, r in zip(again, raw))  # the point filters something
         for d, a in zip(direct, again):
             assert np.array_equal(d.boxes, a.boxes) and np.array_equal(d.scores, a.scores)
@@ -125,59 +124,3 @@ def test_binding_floor_and_cap_are_warned(detectors, caplog):
     # a full cap is harmless when every requested min confidence is at or above each image's lowest cached score
     assert binding_warnings([cut, 0.99], cache_floor=0.05, cache_cap=20, raw=raw) == []
     assert binding_warnings([0.05], cache_floor=0.05, cache_cap=1000, raw=raw) == []
-
-
-def cell_batch(n=2, seed=0, size=(128, 160)):
-    """Mapper-style samples: ``n`` images with 3 coloured elliptic cells each, 2 classes."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size[0], :size[1]]
-    batch = []
-    for _ in range(n):
-        image = np.full((*size, 3), 210, dtype=np.uint8)
-        boxes, labels, masks = [], [], []
-        for label in (0, 1, int(rng.integers(0, 2))):
-            ry, rx = rng.integers(8, 20, size=2)
-            cy, cx = rng.integers(ry, size[0] - ry), rng.integers(rx, size[1] - rx)
-            mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
-            image[mask] = (120, 60, 150) if label else (170, 90, 90)
-            ys, xs = np.nonzero(mask)
-            boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-            labels.append(label)
-            masks.append(mask)
-        batch.append({"image": torch.from_numpy(image).permute(2, 0, 1).contiguous(),
-                      "instances": {"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels),
-                                    "masks": torch.from_numpy(np.stack(masks)).to(torch.uint8)}})
-    return batch
-
-
-@pytest.mark.slow
-def test_refiltered_cache_equals_a_real_model_run_at_each_point():
-    import leukodet.models  # noqa: F401  (registers the adapters)
-    from leukodet.registry import MODELS
-
-    torch.manual_seed(0)
-    adapter = MODELS.build({"name": "maskrcnn_effnet_lite0"}, num_classes=2, min_size=128, max_size=160,
-                           rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=40)
-    optimizer = torch.optim.SGD([p for p in adapter.parameters() if p.requires_grad], lr=0.02, momentum=0.9)
-    batch = cell_batch()
-    for _ in range(4):  # a few steps, so scores spread out
-        loss = sum(adapter.losses(batch).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    adapter.eval()
-
-    def predict():
-        return [to_original(det, (1.0, 1.0), (s["image"].shape[2], s["image"].shape[1]))
-                for det, s in zip(adapter.predict(batch), batch)]
-
-    with torch.no_grad():
-        with adapter.raw_predictions(floor=0.0, cap=1000):
-            raw = predict()
-        scores = np.concatenate([r.scores for r in raw])
-        for quantile, nms, cap in ((0.0, 0.3, 300), (0.5, 0.5, 5), (0.7, 0.2, 50)):
-            min_confidence = float(np.quantile(scores, quantile)) if quantile else 0.0
-            adapter.set_thresholds(min_confidence, nms, cap)
-            for d, a, r in zip(predict(), [refilter(r, min_confidence, nms, cap) for r in raw], raw):
-                assert len(d) < len(r) and np.array_equal(d.labels, a.labels) and np.allclose(d.boxes, a.boxes)
-                assert [m["counts"] for m in d.rles] == [m["counts"] for m in a.rles]

@@ -14,18 +14,18 @@ def run_tool(*args, cwd=REPO):
 
 def test_make_sample_prepare_show_and_preview(tmp_path):
     data = tmp_path / "sample"
-    out = run_tool(REPO / "tools/make_sample.py", "--out", data, "--n", "12", "--seed", "3")
-    assert "12 images" in out and (data / "via_region_data.json").is_file()
     common = [f"data.root={data}", f"paths.output_dir={tmp_path / 'outputs'}"]
+    out = run_tool(REPO / "tools/make_sample.py", *common, "data.generate.n_images=12", "data.generate.seed=3")
+    assert "12 images" in out and (data / "via_region_data.json").is_file()
     out = run_tool(REPO / "tools/prepare.py", *common)
     assert "prepared 12 images" in out and "results saved to" in out
     assert {p.name for p in (data / "prepared").iterdir()} >= {"train.json", "val.json", "test.json", "summary.csv",
                                                               "skipped.csv"}
     out = run_tool(REPO / "tools/show_dataset.py", *common, "split=val", "+limit=2")
-    assert "2 images drawn" in out
+    assert "2 images of sample_wbc_val drawn" in out
     assert len(list((tmp_path / "outputs").rglob("annotations/sample_wbc_val/*.jpg"))) == 2
     out = run_tool(REPO / "tools/preview.py", *common, "+exp=segmented", "+n=2")
-    assert "2 panels" in out and len(list((tmp_path / "outputs").rglob("preview/*_steps.jpg"))) == 2
+    assert "2 of 2 panels" in out and len(list((tmp_path / "outputs").rglob("preview/*_steps.jpg"))) == 2
 
 
 def test_bad_config_names_key_value_and_choices(tmp_path):
@@ -40,3 +40,15 @@ def test_wrong_type_names_the_key(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "train.max_steps" in done.stderr and "many" in done.stderr
+
+
+def test_known_errors_are_one_line_with_exit_status_2(tmp_path):
+    missing = tmp_path / "nowhere" / "best.ckpt"
+    done = subprocess.run([sys.executable, str(REPO / "tools/evaluate.py"), f"ckpt={missing}",
+                           f"paths.output_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"error: {missing}: no such checkpoint file") and "Traceback" not in done.stderr
+    done = subprocess.run([sys.executable, str(REPO / "tools/make_sample.py"), "data=bccd",
+                           f"hydra.run.dir={tmp_path / 'run2'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "data=bccd has no 'generate' block" in done.stderr

@@ -28,7 +28,7 @@ def test_seed_arms_have_the_seed_values():
     assert (segmented.eval.min_confidence, raw.eval.min_confidence) == (0.85, 0.70)
     assert [s.name for s in segmented.preprocess.steps] == ["scale", "bilateral", "equalize", "green_threshold",
                                                             "mask_and"]
-    assert segmented.model.min_confidence == 0.85  # the model's threshold follows eval's
+    assert "min_confidence" not in segmented.model  # the operating point lives in eval alone
 
 
 def test_schedule_shapes():

@@ -1,15 +1,14 @@
 """Train, then evaluate on the test split: `python tools/train.py +exp=segmented`."""
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
 
+from leukodet.cli import run_tool
 from leukodet.engine.train import train_and_evaluate
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    train_and_evaluate(cfg, cfg.train.run_dir or HydraConfig.get().runtime.output_dir)
+def main(cfg):
+    run_tool(train_and_evaluate, cfg)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
 """Dataset catalog: a split name -> a zero-argument loader of Detectron2-format dataset dicts,
 plus metadata (class names, colours, box_only).
 
-Registration is idempotent because a Hydra multirun runs many jobs in one process. When
-detectron2 is importable the same names are mirrored into its DatasetCatalog/MetadataCatalog.
+Registration is idempotent because a Hydra multirun runs many jobs in one process. Listeners
+(``add_listener``) hear of every registration: ``leukodet.integrations.detectron2`` mirrors each
+split into detectron2's DatasetCatalog/MetadataCatalog that way.
 """
 
 from __future__ import annotations
 
 import colorsys
-import importlib.util
 from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
@@ -17,6 +17,7 @@ from leukodet.data.coco import load_dataset_dicts
 
 _LOADERS: dict[str, Callable[[], list[dict]]] = {}
 _METADATA: dict[str, dict] = {}
+_LISTENERS: list[Callable[[str], None]] = []
 
 
 def class_colors(n: int) -> list[tuple[int, int, int]]:
@@ -39,7 +40,8 @@ def register_split(name: str, json_file: str | Path) -> dict:
                 "num_images": len(dicts)}
     _LOADERS[name] = partial(_load, json_file)
     _METADATA[name] = metadata
-    _mirror_into_detectron2(name, metadata)
+    for listener in _LISTENERS:
+        listener(name)
     return metadata
 
 
@@ -53,8 +55,13 @@ def register_datasets(data_cfg: Mapping) -> list[str]:
     """Register every prepared split of a data config (``name``, ``prepared_dir``, ``prepare.split``) as
     ``{name}_{split}``, e.g. ``sample_wbc_train``; returns the registered names."""
     prepared = Path(data_cfg["prepared_dir"])
-    return [register_split(f"{data_cfg['name']}_{split}", prepared / f"{split}.json")["name"]
+    return [register_split(split_name(data_cfg["name"], split), prepared / f"{split}.json")["name"]
             for split in split_names(data_cfg)]
+
+
+def split_name(data_name: str, split: str) -> str:
+    """The catalog name of one split of a dataset, e.g. ``sample_wbc_train``."""
+    return f"{data_name}_{split}"
 
 
 def registered() -> list[str]:
@@ -76,17 +83,9 @@ def get_metadata(name: str) -> dict:
     return _METADATA[name]
 
 
-def _mirror_into_detectron2(name: str, metadata: dict) -> None:
-    if importlib.util.find_spec("detectron2") is None:
-        return
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-
-    if name in DatasetCatalog.list():  # re-registration (multirun): replace, never fail
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, _LOADERS[name])
-    # The prepared JSON numbers categories from 1; detectron2 maps them to its 0-based ids with this.
-    id_map = {i + 1: i for i in range(len(metadata["thing_classes"]))}
-    MetadataCatalog.get(name).set(thing_classes=metadata["thing_classes"], thing_colors=metadata["thing_colors"],
-                                  json_file=metadata["json_file"], evaluator_type="coco",
-                                  thing_dataset_id_to_contiguous_id=id_map)
+def add_listener(listener: Callable[[str], None]) -> None:
+    """Call ``listener(name)`` for every split registered so far and from now on."""
+    if listener not in _LISTENERS:
+        _LISTENERS.append(listener)
+        for name in registered():
+            listener(name)

@@ -30,6 +30,10 @@ REDUCED_FLAGS = {factor: flag | cv2.IMREAD_IGNORE_ORIENTATION for factor, flag i
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
+# What folder inference and previews pick up, in any letter case.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
+
+
 class ImageReadError(ValueError, OSError):
     """An image file that is missing, not an image, or corrupt; the message names the file.
 

@@ -1,148 +1,196 @@
-"""Evaluate a trained checkpoint on a registered split: metrics table, report files, overlays,
-threshold sweeps and the count-accuracy table from cached raw predictions."""
+"""Scoring a trained checkpoint: its run's config, its operating point, its cached raw predictions,
+and the one route from predictions to figures (``score_split``) that training, ``tools/evaluate.py``,
+count tables and benchmarks share."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from leukodet.data.catalog import get_dataset_dicts, get_metadata
+from leukodet.data.catalog import get_dataset_dicts, get_metadata, split_name
 from leukodet.data.imageio import read_image
-from leukodet.data.mapper import DatasetMapper
 from leukodet.data.pipeline import ensure_prepared
 from leukodet.engine.data import make_loader
 from leukodet.engine.module import DetectionModule
 from leukodet.engine.predictor import predict_loader
 from leukodet.evaluation.counts import CountTable, count_table
 from leukodet.evaluation.metrics import EvaluationResult, evaluate
-from leukodet.evaluation.predictions import ImagePredictions
 from leukodet.evaluation.report import format_table, format_touching, save_report
-from leukodet.evaluation.sweep import (cache_key, load_raw, plot_heatmap, refilter, save_raw, save_thresholds,
-                                       sweep)
+from leukodet.evaluation.sweep import cache_key, load_raw, load_thresholds, plot_heatmap, save_raw, save_thresholds, sweep
 from leukodet.io import atomic_write_text
-from leukodet.models.base import RAW_MAX_DETECTIONS, RAW_SCORE_FLOOR, scoring_floor
+from leukodet.preprocess.mapper import DatasetMapper
+from leukodet.structures import RAW, ImagePredictions, OperatingPoint, refilter
 from leukodet.viz import draw_predictions, write_rgb
+
+logger = logging.getLogger(__name__)
+
+POINT_KEYS = ("min_confidence", "nms", "max_detections")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or not inside a leukodet run directory."""
 
 
 def load_detector(checkpoint: str | Path) -> DetectionModule:
     """The trained module from a Lightning checkpoint, on the GPU when there is one, in eval mode."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+        raise CheckpointError(f"{checkpoint}: no such checkpoint file")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     module = DetectionModule.load_from_checkpoint(checkpoint, map_location=device, weights_only=False)
     return module.eval()
 
 
-def predict_split(cfg: DictConfig, module: DetectionModule, records: list[dict], desc: str) -> list[ImagePredictions]:
-    """Predictions for ``records`` through the training mapper's preprocessing, at the adapter's
-    current thresholds."""
-    loader = make_loader(records, DatasetMapper(cfg.preprocess), cfg.train.batch_size, False, cfg.train.num_workers)
-    return [prediction for _, prediction in predict_loader(module.adapter, loader, desc=desc)]
-
-
-def report(cfg: DictConfig, name: str, records: list[dict], predictions: list[ImagePredictions], out_dir: Path,
-           prefix: str, overlays: int = 8) -> EvaluationResult:
-    """Score ``predictions`` (down to the scoring floor) at ``cfg.eval.min_confidence``, print the
-    table, write the report files and the first ``overlays`` overlays (at min confidence)."""
-    meta = get_metadata(name)
-    for record, prediction in list(zip(records, predictions))[:overlays]:
-        shown = prediction.select(np.nonzero(prediction.scores > cfg.eval.min_confidence)[0])
-        drawn = draw_predictions(read_image(record["file_name"]), shown, meta["thing_classes"], meta["thing_colors"])
-        write_rgb(out_dir / "overlays" / f"{Path(record['file_name']).stem}.jpg", drawn)
-    result = evaluate(records, predictions, meta["thing_classes"], min_confidence=cfg.eval.min_confidence,
-                      iou_threshold=cfg.eval.iou_threshold)
-    save_report(result, out_dir, prefix=prefix)
-    print(f"\n{name}: {len(records)} images, min confidence {cfg.eval.min_confidence} (AP over scores > "
-          f"{scoring_floor(cfg.eval.min_confidence):g}), NMS {cfg.eval.nms}, {result.iou_type} IoU >= {cfg.eval.iou_threshold}")
-    print(format_table(result))
-    print(format_touching(result))
-    return result
-
-
-def evaluate_split(cfg: DictConfig, module: DetectionModule, split: str, out_dir: str | Path) -> EvaluationResult:
-    """Predict ``split`` down to the scoring floor with ``cfg.eval``'s NMS and cap, and report at its
-    min confidence (used at the end of training)."""
-    name = f"{cfg.data.name}_{split}"
-    records = get_dataset_dicts(name)
-    module.adapter.set_thresholds(scoring_floor(cfg.eval.min_confidence), cfg.eval.nms, cfg.eval.max_detections)
-    predictions = predict_split(cfg, module, records, f"evaluating {name}")
-    return report(cfg, name, records, predictions, Path(out_dir), prefix=f"{split}_")
-
-
 def run_config(cfg: DictConfig) -> DictConfig:
-    """The checkpoint's training config (data, preprocessing, model) with this command's eval,
-    train.batch_size/num_workers and paths: preprocessing can never differ from training."""
+    """The checkpoint's training config (data, preprocessing, model, eval) with what this command
+    sets: paths, ckpt, split, sweep, infer, loader settings, and the ``eval`` keys it gives a value
+    (the checkpoint tools compose ``eval.min_confidence`` / ``nms`` / ``max_detections`` as null, so
+    a value there came from the command line). Preprocessing can never differ from training."""
+    if not cfg.get("ckpt"):
+        raise CheckpointError("ckpt=... is required: a checkpoint inside a leukodet run directory")
     checkpoint = Path(cfg.ckpt)
+    if not checkpoint.is_file():
+        raise CheckpointError(f"{checkpoint}: no such checkpoint file")
     saved = checkpoint.parent.parent / "config.yaml"
     if not saved.is_file():
-        raise FileNotFoundError(f"{saved} not found: ckpt must be a checkpoint inside a leukodet run directory")
+        raise CheckpointError(f"{checkpoint}: no config.yaml two folders up ({saved}); a checkpoint must "
+                              f"stay inside its leukodet run directory (<run>/checkpoints/<name>.ckpt)")
     trained = OmegaConf.load(saved)
-    return OmegaConf.merge(trained, {"eval": {**cfg.eval, "split": cfg.get("split") or cfg.eval.split},
-                                     "paths": cfg.paths, "ckpt": cfg.ckpt, "sweep": cfg.sweep})
+    given_eval = {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items() if v is not None}
+    given = {"eval": given_eval, "paths": cfg.paths, "ckpt": cfg.ckpt, "sweep": cfg.get("sweep", False),
+             "split": cfg.get("split"), "train": {"batch_size": cfg.train.batch_size, "num_workers": cfg.train.num_workers}}
+    if "infer" in cfg:
+        given["infer"] = cfg.infer
+    if "input" in cfg:
+        given["input"] = cfg.input
+    merged = OmegaConf.merge(trained, given)
+    # what this command gave, apart from the run's own values: operating_point() ranks them
+    OmegaConf.update(merged, "command_point", {k: given_eval.get(k) for k in POINT_KEYS}, force_add=True)
+    return merged
 
 
-def cached_raw_predictions(cfg: DictConfig, module: DetectionModule, split: str) -> tuple[list[dict], list]:
-    """The split's raw predictions (floor, no NMS, high cap) from the cache next to the checkpoint,
+def operating_point(run_cfg: DictConfig) -> OperatingPoint:
+    """The one place the operating point is decided, key by key: the command line, else
+    ``thresholds.json`` beside the checkpoint (a sweep's best point), else the trained run's eval."""
+    saved = load_thresholds(Path(run_cfg.ckpt).parent / "thresholds.json") or {}
+    values, sources = {}, []
+    for key in POINT_KEYS:
+        if run_cfg.command_point.get(key) is not None:
+            values[key], source = run_cfg.command_point[key], "command line"
+        elif key in saved:
+            values[key], source = saved[key], f"thresholds.json (best {saved.get('metric', '?')} on {saved.get('split', '?')})"
+        elif run_cfg.eval.get(key) is not None:
+            values[key], source = run_cfg.eval[key], "training run's eval"
+        else:
+            values[key], source = getattr(OperatingPoint(), key), "default"
+        sources.append(f"{key} from {source}")
+    return OperatingPoint(float(values["min_confidence"]), float(values["nms"]), int(values["max_detections"]),
+                          "; ".join(sources))
+
+
+def predict_split(cfg: DictConfig, module: DetectionModule, records: list[dict], prefilter: OperatingPoint,
+                  desc: str) -> list[ImagePredictions]:
+    """Predictions for ``records`` through the training mapper's preprocessing, cut at ``prefilter``."""
+    loader = make_loader(records, DatasetMapper(cfg.preprocess), cfg.train.batch_size, False, cfg.train.num_workers)
+    return [prediction for _, prediction in predict_loader(module.adapter, loader, prefilter, desc=desc)]
+
+
+def cached_raw_predictions(cfg: DictConfig, module: DetectionModule, checkpoint: str | Path,
+                           split: str) -> tuple[list[dict], list[ImagePredictions]]:
+    """The split's raw predictions (``structures.RAW``) from the cache beside the checkpoint,
     computed once per checkpoint, split and preprocessing."""
-    name = f"{cfg.data.name}_{split}"
+    name = split_name(cfg.data.name, split)
     records = get_dataset_dicts(name)
     # keyed by the registered name, not the split alone: one checkpoint can score other datasets' splits
-    key = cache_key(cfg.ckpt, name, OmegaConf.to_container(cfg.preprocess, resolve=True))
-    path = Path(cfg.ckpt).parent / "cache" / f"raw_{split}_{key}.pkl"
+    key = cache_key(checkpoint, name, OmegaConf.to_container(cfg.preprocess, resolve=True))
+    path = Path(checkpoint).parent / "cache" / f"raw_{split}_{key}.pkl"
     if path.is_file():
         return records, load_raw(path)["predictions"]
-    with module.adapter.raw_predictions(RAW_SCORE_FLOOR, RAW_MAX_DETECTIONS):
-        raw = predict_split(cfg, module, records, f"raw predictions {name}")
-    save_raw(path, raw, RAW_SCORE_FLOOR, RAW_MAX_DETECTIONS)
-    print(f"cached raw predictions: {path}")
+    raw = predict_split(cfg, module, records, RAW, f"raw predictions {name}")
+    save_raw(path, raw, RAW.min_confidence, RAW.max_detections)
+    logger.info("cached raw predictions: %s", path)
     return records, raw
 
 
-def evaluate_checkpoint(cfg: DictConfig, out_dir: str | Path):
-    """`tools/evaluate.py`: score ``cfg.ckpt`` on ``cfg.eval.split`` at ``cfg.eval``'s point, or
-    with ``cfg.sweep`` over the eval.sweep_* grid (writing sweep.csv, a heatmap and
-    thresholds.json next to the checkpoint). Both re-filter the cached raw predictions."""
-    cfg = run_config(cfg)
+def write_overlays(records: Sequence[dict], predictions: Sequence[ImagePredictions], meta: dict,
+                   min_confidence: float, out_dir: Path, limit: int = 8) -> None:
+    for record, prediction in list(zip(records, predictions))[:limit]:
+        drawn = draw_predictions(read_image(record["file_name"]), prediction.above(min_confidence),
+                                 meta["thing_classes"], meta["thing_colors"])
+        write_rgb(out_dir / "overlays" / f"{Path(record['file_name']).stem}.jpg", drawn)
+
+
+def score_split(cfg: DictConfig, module: DetectionModule, checkpoint: str | Path, split: str,
+                point: OperatingPoint, out_dir: str | Path) -> EvaluationResult:
+    """The one scoring route: the split's cached raw predictions cut at ``point`` (down to the
+    scoring floor: AP over all scores, P/R/F1 and counts at the point's min confidence), scored at
+    ``eval.iou_threshold``; writes ``<split>_metrics.{csv,json}``, the plots and a few overlays into
+    ``out_dir`` and logs the table."""
     out_dir = Path(out_dir)
-    ensure_prepared(cfg.data)
-    module = load_detector(cfg.ckpt)
-    split = cfg.eval.split
-    name = f"{cfg.data.name}_{split}"
-    records, raw = cached_raw_predictions(cfg, module, split)
-    if not cfg.sweep:
-        predictions = [refilter(r, scoring_floor(cfg.eval.min_confidence), cfg.eval.nms, cfg.eval.max_detections) for r in raw]
-        return report(cfg, name, records, predictions, out_dir, prefix=f"{split}_")
+    name = split_name(cfg.data.name, split)
+    records, raw = cached_raw_predictions(cfg, module, checkpoint, split)
+    predictions = [refilter(r, point.scored()) for r in raw]
+    meta = get_metadata(name)
+    write_overlays(records, predictions, meta, point.min_confidence, out_dir)
+    result = evaluate(records, predictions, meta["thing_classes"], min_confidence=point.min_confidence,
+                      iou_threshold=cfg.eval.iou_threshold, share_class=cfg.eval.get("share_class"))
+    save_report(result, out_dir, prefix=f"{split}_")
+    logger.info("%s: %d images, %s; %s IoU >= %g\n%s\n%s", name, len(records), point.describe(), result.iou_type,
+                cfg.eval.iou_threshold, format_table(result), format_touching(result))
+    return result
+
+
+def sweep_split(cfg: DictConfig, module: DetectionModule, split: str, out_dir: Path):
+    """Every point of the ``eval.sweep_*`` grid from the cached raw predictions; writes
+    ``sweep_<split>.csv``, a heatmap and ``thresholds.json`` (the best point) beside the checkpoint."""
+    name = split_name(cfg.data.name, split)
+    records, raw = cached_raw_predictions(cfg, module, cfg.ckpt, split)
     metric = cfg.eval.sweep_metric
+    max_detections = operating_point(cfg).max_detections
     table, best = sweep(records, raw, get_metadata(name)["thing_classes"], list(cfg.eval.sweep_min_confidence),
-                        list(cfg.eval.sweep_nms), cfg.eval.max_detections, metric)
+                        list(cfg.eval.sweep_nms), max_detections, metric, iou_threshold=cfg.eval.iou_threshold)
     atomic_write_text(out_dir / f"sweep_{split}.csv", table.to_csv(index=False))
     plot_heatmap(table, metric, out_dir / f"sweep_{split}_{metric}.png")
-    thresholds = save_thresholds(Path(cfg.ckpt).parent / "thresholds.json", {**best, "split": split})
+    thresholds = save_thresholds(Path(cfg.ckpt).parent / "thresholds.json",
+                                 {**best, "max_detections": max_detections, "split": split})
     columns = ["min_confidence", "nms", "precision", "recall", "f1", "ap50_segm" if "ap50_segm" in table else "ap50_bbox"]
-    print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print(f"best {metric} = {best['value']:.4f} at min confidence {best['min_confidence']}, NMS {best['nms']}; "
-          f"saved {thresholds}")
+    logger.info("%s\nbest %s = %.4f at min confidence %s, NMS %s; saved %s",
+                table[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}"), metric, best["value"],
+                best["min_confidence"], best["nms"], thresholds)
     return table, best
 
 
+def evaluate_checkpoint(cfg: DictConfig, out_dir: str | Path):
+    """`tools/evaluate.py`: score ``ckpt`` on ``split`` (default ``eval.split``) at its operating
+    point (see ``operating_point``), or with ``sweep=true`` over the ``eval.sweep_*`` grid."""
+    cfg = run_config(cfg)
+    ensure_prepared(cfg.data)
+    module = load_detector(cfg.ckpt)
+    split = cfg.split or cfg.eval.split
+    if cfg.sweep:
+        return sweep_split(cfg, module, split, Path(out_dir))
+    return score_split(cfg, module, cfg.ckpt, split, operating_point(cfg), out_dir)
+
+
 def count_table_checkpoint(cfg: DictConfig, out_dir: str | Path) -> CountTable:
-    """`tools/count_table.py`: the count-accuracy table of ``cfg.ckpt`` on ``cfg.eval.split`` at each
-    ``eval.count_min_confidence`` (NMS ``eval.nms``), from the cached raw predictions; writes
-    ``count_table_<split>.csv`` and ``count_summary_<split>.csv`` into ``out_dir`` and prints both."""
+    """`tools/count_table.py`: the count-accuracy table of ``ckpt`` on ``split`` at each
+    ``eval.count_min_confidence`` (the operating point's NMS and cap), from the cached raw
+    predictions; writes ``count_table_<split>.csv`` and ``count_summary_<split>.csv``."""
     cfg = run_config(cfg)
     out_dir = Path(out_dir)
     ensure_prepared(cfg.data)
-    split = cfg.eval.split
-    name = f"{cfg.data.name}_{split}"
-    records, raw = cached_raw_predictions(cfg, load_detector(cfg.ckpt), split)
+    split = cfg.split or cfg.eval.split
+    name = split_name(cfg.data.name, split)
+    point = operating_point(cfg)
+    records, raw = cached_raw_predictions(cfg, load_detector(cfg.ckpt), cfg.ckpt, split)
     table = count_table(records, raw, get_metadata(name)["thing_classes"], list(cfg.eval.count_min_confidence),
-                        cfg.eval.nms, cfg.eval.max_detections, cfg.eval.iou_threshold)
+                        point.nms, point.max_detections, cfg.eval.iou_threshold)
     atomic_write_text(out_dir / f"count_table_{split}.csv", table.per_image.to_csv(index=False))
     atomic_write_text(out_dir / f"count_summary_{split}.csv", table.summary.to_csv(index=False))
-    print(f"\n{name}: {len(records)} images, count accuracy = min(segmented, true) / true, NMS {cfg.eval.nms}")
-    print(table.format())
+    logger.info("%s: %d images, count accuracy = min(segmented, true) / true, NMS %g\n%s", name, len(records),
+                point.nms, table.format())
     return table

@@ -13,9 +13,11 @@ from typing import Any
 import lightning as L
 import torch
 
+import leukodet.integrations.detectron2  # noqa: F401  (registers detectron2's models; imports it lazily)
 import leukodet.models  # noqa: F401  (registers the adapters)
 from leukodet.engine.predictor import predict_original
 from leukodet.registry import MODELS
+from leukodet.structures import OperatingPoint
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str,
@@ -38,7 +40,7 @@ class DetectionModule(L.LightningModule):
     """Trains an adapter (``losses``/``predict`` protocol) and validates it with the evaluator."""
 
     def __init__(self, model_cfg: Mapping[str, Any], optim_cfg: Mapping[str, Any], class_names: Sequence[str],
-                 box_only: bool, evaluate_fn=None):
+                 box_only: bool, evaluate_fn=None, validation_point: OperatingPoint = OperatingPoint()):
         super().__init__()
         # Saved in every checkpoint: enough to rebuild the model for evaluation and inference.
         self.save_hyperparameters({"model_cfg": dict(model_cfg), "optim_cfg": dict(optim_cfg),
@@ -47,6 +49,7 @@ class DetectionModule(L.LightningModule):
         self.optim_cfg = dict(optim_cfg)
         self.class_names = list(class_names)
         self.evaluate_fn = evaluate_fn  # (dataset_dicts, predictions) -> {metric: value}
+        self.validation_point = validation_point
         self._val_records: list[dict] = []
         self._val_predictions: list = []
 
@@ -58,16 +61,12 @@ class DetectionModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: list[dict], batch_idx: int) -> None:
-        # torchvision detectors return losses only in train mode; with frozen BN that is safe to
-        # call under no_grad, and gives the validation loss the seed compares with training.
-        self.adapter.train()
-        with torch.no_grad():
-            losses = self.adapter.losses(batch)
-        self.adapter.eval()
+        # the validation loss the seed compares with training; no BatchNorm statistics change
+        losses = self.adapter.validation_losses(batch)
         self.log("val/loss", sum(losses.values()), prog_bar=True, batch_size=len(batch), sync_dist=True)
         if self.evaluate_fn is not None:
-            with self.adapter.scored_predictions():  # AP over all scores; the evaluator applies min confidence
-                self._val_predictions.extend(predict_original(self.adapter, batch))
+            # down to the scoring floor: AP over all scores; the evaluator applies min confidence
+            self._val_predictions.extend(predict_original(self.adapter, batch, self.validation_point.scored()))
             self._val_records.extend(sample["record"] for sample in batch)
 
     def on_validation_epoch_end(self) -> None:
@@ -89,14 +88,13 @@ class DetectionModule(L.LightningModule):
         cfg = self.optim_cfg
         params = [p for p in self.adapter.parameters() if p.requires_grad]
         if cfg["optimizer"] == "sgd":
-            optimizer = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg.get("momentum", 0.9),
-                                        weight_decay=cfg.get("weight_decay", 1e-4))
+            optimizer = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"],
+                                        weight_decay=cfg["weight_decay"])
         elif cfg["optimizer"] == "adamw":
-            optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 1e-4))
+            optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
         else:
             raise ValueError(f"train.optimizer={cfg['optimizer']!r}: choose sgd or adamw")
         total = cfg["max_steps"]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
-            step, cfg.get("warmup_steps", 0), total, cfg.get("schedule", "cosine"),
-            cfg.get("milestones", (0.7, 0.9)), cfg.get("gamma", 0.1)))
+            step, cfg["warmup_steps"], total, cfg["schedule"], cfg["milestones"], cfg["gamma"]))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

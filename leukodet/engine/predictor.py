@@ -7,18 +7,19 @@ from collections.abc import Iterable, Iterator
 import torch
 from tqdm import tqdm
 
-from leukodet.evaluation.predictions import ImagePredictions, to_original
+from leukodet.structures import RAW, ImagePredictions, OperatingPoint, to_original
 
 
-def predict_original(adapter, batch: list[dict]) -> list[ImagePredictions]:
-    """Predict one batch and move each image's detections back to its file's pixels."""
-    detections = adapter.predict(batch)
+def predict_original(adapter, batch: list[dict], prefilter: OperatingPoint = RAW) -> list[ImagePredictions]:
+    """Predict one batch (cut at ``prefilter``) and move each image's detections back to its file's pixels."""
+    detections = adapter.predict(batch, prefilter)
     return [to_original(det, sample["scale"], (sample["orig_width"], sample["orig_height"]))
             for det, sample in zip(detections, batch)]
 
 
-def predict_loader(adapter, loader: Iterable[list[dict]], desc: str = "predicting") -> Iterator[tuple[dict, ImagePredictions]]:
+def predict_loader(adapter, loader: Iterable[list[dict]], prefilter: OperatingPoint = RAW,
+                   desc: str = "predicting") -> Iterator[tuple[dict, ImagePredictions]]:
     """Stream (sample, predictions) over a loader, so memory stays flat over any number of images."""
     with torch.inference_mode():
         for batch in tqdm(loader, desc=desc, unit="batch"):
-            yield from zip(batch, predict_original(adapter, batch))
+            yield from zip(batch, predict_original(adapter, batch, prefilter))

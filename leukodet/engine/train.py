@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,15 +13,17 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from leukodet.data.catalog import get_dataset_dicts, get_metadata
-from leukodet.data.mapper import DatasetMapper
+from leukodet.data.catalog import get_dataset_dicts, get_metadata, split_name
 from leukodet.data.pipeline import ensure_prepared
 from leukodet.engine.curves import plot_loss_curves
 from leukodet.engine.data import make_loader
-from leukodet.engine.evaluate import evaluate_split, load_detector
+from leukodet.engine.evaluate import load_detector, score_split
 from leukodet.engine.module import DetectionModule
 from leukodet.evaluation.metrics import evaluate
 from leukodet.io import atomic_write_text
+from leukodet.preprocess.mapper import DatasetMapper
+from leukodet.registry import METRICS
+from leukodet.structures import OperatingPoint
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,19 @@ def best_metric_name(train_cfg, box_only: bool) -> str:
     return name if name.startswith("val/") else f"val/{name}"
 
 
+def best_metric_mode(metric: str) -> str:
+    """``max`` or ``min``, from the named metric's direction (``val/loss`` is a loss)."""
+    key = metric.removeprefix("val/")
+    if key == "loss":
+        return "min"
+    return "max" if METRICS.get(key).higher_is_better else "min"
+
+
+def trained_point(cfg: DictConfig) -> OperatingPoint:
+    """The operating point a training run validates and is tested at: its own ``eval``."""
+    return OperatingPoint(cfg.eval.min_confidence, cfg.eval.nms, cfg.eval.max_detections, "training run's eval")
+
+
 def precision_for(setting: str) -> str:
     if setting != "auto":
         return setting
@@ -54,24 +70,27 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     L.seed_everything(cfg.seed, workers=True)
     ensure_prepared(cfg.data)
     name = cfg.data.name
-    meta = get_metadata(f"{name}_train")
+    meta = get_metadata(split_name(name, "train"))
     classes, box_only = meta["thing_classes"], meta["box_only"]
     train_mapper = DatasetMapper(cfg.preprocess, cfg.augment, is_train=True)
     eval_mapper = DatasetMapper(cfg.preprocess, None, is_train=False)
     tcfg = cfg.train
-    train_loader = make_loader(get_dataset_dicts(f"{name}_train"), train_mapper, tcfg.batch_size, True,
+    train_loader = make_loader(get_dataset_dicts(split_name(name, "train")), train_mapper, tcfg.batch_size, True,
                                tcfg.num_workers, cfg.seed)
-    val_loader = make_loader(get_dataset_dicts(f"{name}_val"), eval_mapper, tcfg.batch_size, False,
+    val_loader = make_loader(get_dataset_dicts(split_name(name, "val")), eval_mapper, tcfg.batch_size, False,
                              tcfg.num_workers, cfg.seed)
 
+    point = trained_point(cfg)
+
     def evaluate_fn(records, predictions):
-        return evaluate(records, predictions, classes, min_confidence=cfg.eval.min_confidence).summary()
+        return evaluate(records, predictions, classes, min_confidence=point.min_confidence,
+                        iou_threshold=cfg.eval.iou_threshold, share_class=cfg.eval.share_class).summary()
 
     module = DetectionModule(OmegaConf.to_container(cfg.model, resolve=True),
-                             OmegaConf.to_container(tcfg, resolve=True), classes, box_only, evaluate_fn)
+                             OmegaConf.to_container(tcfg, resolve=True), classes, box_only, evaluate_fn, point)
     metric = best_metric_name(tcfg, box_only)
     checkpoints = run_dir / "checkpoints"
-    best = ModelCheckpoint(checkpoints, filename="best", monitor=metric, mode="max", save_top_k=1,
+    best = ModelCheckpoint(checkpoints, filename="best", monitor=metric, mode=best_metric_mode(metric), save_top_k=1,
                            auto_insert_metric_name=False, enable_version_counter=False)
     last = ModelCheckpoint(checkpoints, filename="last", every_n_train_steps=tcfg.checkpoint_every_steps,
                            save_top_k=1, enable_version_counter=False)
@@ -88,7 +107,7 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     resume_from = checkpoints / "last.ckpt"
     ckpt_path = str(resume_from) if tcfg.resume and resume_from.is_file() else None
     if ckpt_path:
-        print(f"resuming from {ckpt_path}")
+        logger.info("resuming from %s", ckpt_path)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
     trainer.save_checkpoint(resume_from)  # the final state, whatever the step cadence
@@ -99,7 +118,6 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
 
 def train_and_evaluate(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     """The main job: fit, draw the loss curves, evaluate the best checkpoint on the test split."""
-    import time
 
     start = time.perf_counter()
     result = fit(cfg, run_dir)
@@ -107,8 +125,7 @@ def train_and_evaluate(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     if metrics_csv.is_file():
         plot_loss_curves(metrics_csv, result.run_dir / "loss_curves.png")
     module = load_detector(result.best_checkpoint)
-    evaluate_split(cfg, module, cfg.eval.split, result.run_dir)
-    print(f"best {result.best_metric} = {result.best_score} ({result.best_checkpoint.name}); "
-          f"total {time.perf_counter() - start:.0f} s")
-    print(f"results saved to {result.run_dir}")
+    score_split(cfg, module, result.best_checkpoint, cfg.eval.split, trained_point(cfg), result.run_dir)
+    logger.info("best %s = %s (%s); total %.0f s", result.best_metric, result.best_score,
+                result.best_checkpoint.name, time.perf_counter() - start)
     return result

@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 
 from leukodet.evaluation.metrics import Evaluator, mean, to_rle_predictions
-from leukodet.evaluation.sweep import binding_warnings, refilter
-from leukodet.models.base import RAW_MAX_DETECTIONS, RAW_SCORE_FLOOR
+from leukodet.evaluation.sweep import binding_warnings
+from leukodet.structures import RAW_MAX_DETECTIONS, RAW_SCORE_FLOOR, OperatingPoint, refilter
 
 SUMMARY_COLUMNS = ["count_accuracy", "detection_precision", "detection_recall", "detection_recall_touching",
                    "detection_recall_isolated", "touching_cells", "isolated_cells"]
@@ -69,7 +69,7 @@ def count_table(dataset_dicts: Sequence[dict], raw: Sequence, class_names: Seque
     columns = {"image": image_names(dataset_dicts), "true": true}
     summary = []
     for min_confidence in min_confidences:
-        result = evaluator([refilter(r, min_confidence, nms, max_detections) for r in raw], iou_type)
+        result = evaluator([refilter(r, OperatingPoint(min_confidence, nms, max_detections)) for r in raw], iou_type)
         segmented = result.per_image[[f"pred_{name}" for name in class_names]].to_numpy().sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             accuracy = np.where(true > 0, np.minimum(segmented, true) / true, np.nan)

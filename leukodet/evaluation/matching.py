@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from leukodet.evaluation.predictions import encode_masks
+from leukodet.structures import encode_masks
 
 
 def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:

@@ -1,7 +1,7 @@
 """The evaluator: every figure of DESIGN.md's "Metric definitions" at one operating point.
 
 P/R/F1/accuracy from one-to-one matching (class-aware and class-agnostic), per-class count MAE and
-bias, lymphoblast-share error, RBC count accuracy, confusion matrix, and COCO AP50 / AP50:95 for
+bias, the share class's share error (e.g. lymphoblasts), RBC count accuracy, confusion matrix, and COCO AP50 / AP50:95 for
 boxes and masks. Where the definitions leave a case open, the choice is stated where it is made:
 count-only points (``ImageTruth``), the "all" and "any_cell" count rows (``count_columns``),
 images without cells (``share``, ``count_accuracy``), touching cells (``touching_instances``,
@@ -21,10 +21,9 @@ from pycocotools import mask as mask_utils
 
 from leukodet.evaluation.coco_eval import coco_ap, coco_ground_truth
 from leukodet.evaluation.matching import Tally, match_image
-from leukodet.evaluation.predictions import ImagePredictions, encode_masks
+from leukodet.structures import ImagePredictions, encode_masks
 from leukodet.registry import METRICS
 
-LYMPHOBLAST = "lymphoblast"
 TABLE_COLUMNS = ["tp", "fp", "fn", "precision", "recall", "f1", "accuracy", "count_mae", "count_bias",
                  "ap50_bbox", "ap50_segm", "ap_bbox", "ap_segm"]
 
@@ -112,11 +111,11 @@ class ImageTruth:
 @dataclass
 class EvaluationResult:
     table: pd.DataFrame  # rows: classes, "all", "any_cell" (class-agnostic); columns TABLE_COLUMNS
-    per_image: pd.DataFrame  # image, true_<class>, pred_<class> (+ lymphoblast shares)
+    per_image: pd.DataFrame  # image, true_<class>, pred_<class> (+ the share class's true/pred share)
     confusion: np.ndarray  # (C+1, C+1), rows truth, columns prediction, last = background
     class_names: list[str]
     iou_type: str
-    extras: dict  # lymphoblast share errors, RBC count accuracy, and how many images each skipped
+    extras: dict  # share errors, RBC count accuracy, and how many images each skipped
     pr_curves: dict  # {"bbox"|"segm": (C, 101) precision at COCO's recall points, IoU 0.5; -1 = none}
 
     def summary(self) -> dict[str, float]:
@@ -138,9 +137,11 @@ class Evaluator:
     """Scores predictions on one split. The ground truth (COCO index, rasterised masks) is prepared
     once, so a threshold sweep pays for it once; call it with each operating point's predictions."""
 
-    def __init__(self, dataset_dicts: Sequence[dict], class_names: Sequence[str], iou_threshold: float = 0.5):
+    def __init__(self, dataset_dicts: Sequence[dict], class_names: Sequence[str], iou_threshold: float = 0.5,
+                 share_class: str | None = None):
         self.records = list(dataset_dicts)
         self.class_names = list(class_names)
+        self.share_class = resolve_share_class(share_class, self.class_names)
         self.iou_threshold = iou_threshold
         self.truths = [ImageTruth.of(r) for r in self.records]
         self.coco = coco_ground_truth(self.records, self.class_names)
@@ -213,10 +214,10 @@ class Evaluator:
 
         per_image = per_image_counts(self.records, true, found, self.class_names)
         extras = {}
-        if LYMPHOBLAST in self.class_names:
-            index = self.class_names.index(LYMPHOBLAST)
-            per_image[f"true_{LYMPHOBLAST}_share"] = share(true, index)
-            per_image[f"pred_{LYMPHOBLAST}_share"] = share(found, index)
+        if self.share_class is not None:
+            index = self.class_names.index(self.share_class)
+            per_image[f"true_{self.share_class}_share"] = share(true, index)
+            per_image[f"pred_{self.share_class}_share"] = share(found, index)
             extras.update(share_errors(share(found, index) - share(true, index)))
         extras.update(count_accuracy(true.sum(axis=1), found.sum(axis=1)))
         extras.update(touching_recall(self.touching, found_any, found_same))
@@ -226,10 +227,21 @@ class Evaluator:
 
 
 def evaluate(dataset_dicts: Sequence[dict], predictions: Sequence, class_names: Sequence[str],
-             iou_type: str | None = None, min_confidence: float = 0.0, iou_threshold: float = 0.5) -> EvaluationResult:
-    """Score one operating point: ``Evaluator(dataset_dicts, class_names, iou_threshold)(predictions,
-    iou_type, min_confidence)``."""
-    return Evaluator(dataset_dicts, class_names, iou_threshold)(predictions, iou_type, min_confidence)
+             iou_type: str | None = None, min_confidence: float = 0.0, iou_threshold: float = 0.5,
+             share_class: str | None = None) -> EvaluationResult:
+    """Score one operating point: ``Evaluator(dataset_dicts, class_names, iou_threshold,
+    share_class)(predictions, iou_type, min_confidence)``."""
+    return Evaluator(dataset_dicts, class_names, iou_threshold, share_class)(predictions, iou_type, min_confidence)
+
+
+def resolve_share_class(share_class: str | None, class_names: Sequence[str]) -> str | None:
+    """The class whose share of all cells is reported per image (``eval.share_class``; e.g. the
+    lymphoblasts among white cells): by default the first class, none for a one-class dataset."""
+    if share_class is None:
+        return class_names[0] if len(class_names) > 1 else None
+    if share_class not in class_names:
+        raise ValueError(f"eval.share_class={share_class!r} is not a class of this data: {', '.join(class_names)}")
+    return share_class
 
 
 def nanmean(values: np.ndarray) -> float:
@@ -269,11 +281,11 @@ def share(counts: np.ndarray, index: int) -> np.ndarray:
 
 
 def share_errors(error: np.ndarray) -> dict[str, float]:
-    """Mean absolute and signed error of the lymphoblast share over the images where both the
+    """Mean absolute and signed error of the share class's share over the images where both the
     true and the predicted share exist; the others are skipped, and counted."""
     defined = error[~np.isnan(error)]
-    return {"lymphoblast_share_mae": mean(np.abs(defined)), "lymphoblast_share_bias": mean(defined),
-            "lymphoblast_share_images_skipped": int(len(error) - len(defined))}
+    return {"share_mae": mean(np.abs(defined)), "share_bias": mean(defined),
+            "share_images_skipped": int(len(error) - len(defined))}
 
 
 def count_accuracy(true_total: np.ndarray, found_total: np.ndarray) -> dict[str, float]:
@@ -347,5 +359,5 @@ class Metric:
 for _key in ("precision", "recall", "f1", "accuracy", "detection_precision", "detection_recall", "detection_f1",
              "detection_accuracy", "ap50_segm", "ap50_bbox", "ap_segm", "ap_bbox", "count_accuracy"):
     METRICS.register(Metric(_key), name=_key)
-for _key in ("count_mae", "lymphoblast_share_mae"):
+for _key in ("count_mae", "share_mae"):
     METRICS.register(Metric(_key, higher_is_better=False), name=_key)

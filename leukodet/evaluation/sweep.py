@@ -20,29 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from torchvision.ops import batched_nms
 
 from leukodet.evaluation.metrics import Evaluator, to_rle_predictions
-from leukodet.evaluation.predictions import ImagePredictions
 from leukodet.evaluation.report import plot_grid
 from leukodet.io import atomic_write_bytes, atomic_write_text
-from leukodet.models.base import RAW_MAX_DETECTIONS, RAW_SCORE_FLOOR, scoring_floor
 from leukodet.registry import METRICS
+from leukodet.structures import RAW_MAX_DETECTIONS, RAW_SCORE_FLOOR, ImagePredictions, OperatingPoint, refilter, scoring_floor
 
 logger = logging.getLogger(__name__)
-
-
-def refilter(raw: ImagePredictions, min_confidence: float, nms: float, max_detections: int) -> ImagePredictions:
-    """Score > ``min_confidence``, per-class NMS at ``nms``, top ``max_detections``: torchvision
-    RoIHeads' own order (see ``leukodet.models.base.postprocess``)."""
-    keep = np.nonzero(raw.scores > min_confidence)[0]
-    kept = raw.select(keep)
-    if len(kept) == 0:
-        return kept
-    order = batched_nms(torch.from_numpy(kept.boxes).float(), torch.from_numpy(kept.scores).float(),
-                        torch.from_numpy(kept.labels), nms)[:max_detections]
-    return kept.select(order.numpy())
 
 
 def cache_key(checkpoint: str | Path, split: str, preprocess: dict) -> str:
@@ -99,7 +84,7 @@ def sweep(dataset_dicts: Sequence[dict], raw: Sequence, class_names: Sequence[st
     for nms in nms_values:
         # the detector's NMS and cap commute with a higher score cut: filter once per NMS, and let
         # the evaluator apply each min confidence (AP is scored over all scores, see Evaluator)
-        scored = [refilter(r, floor, nms, max_detections) for r in raw]
+        scored = [refilter(r, OperatingPoint(floor, nms, max_detections)) for r in raw]
         for min_confidence in min_confidences:
             result = evaluator(scored, iou_type, min_confidence)
             rows.append({"min_confidence": min_confidence, "nms": nms, **result.summary()})

@@ -5,6 +5,7 @@ One builder serves every torchvision variant; they differ only in the backbone a
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,8 +18,11 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
 from leukodet.models.backbones import EffNetLite0FPN
-from leukodet.models.base import DetectorAdapter, Detections
+from leukodet.models.base import DetectorAdapter
 from leukodet.registry import MODELS
+from leukodet.structures import RAW, Detections, OperatingPoint
+
+logger = logging.getLogger(__name__)
 
 
 class TorchvisionDetector(DetectorAdapter):
@@ -35,8 +39,7 @@ class TorchvisionDetector(DetectorAdapter):
         device = self.device
         return [s["image"].to(device, non_blocking=True).float().div_(255) for s in batch]
 
-    def losses(self, batch: list[dict]) -> dict[str, torch.Tensor]:
-        self.model.train()
+    def compute_losses(self, batch: list[dict]) -> dict[str, torch.Tensor]:
         device = self.device
         targets = []
         for sample in batch:
@@ -48,32 +51,22 @@ class TorchvisionDetector(DetectorAdapter):
         return self.model(self._images(batch), targets)
 
     @torch.no_grad()
-    def predict(self, batch: list[dict]) -> list[Detections]:
+    def predict(self, batch: list[dict], prefilter: OperatingPoint = RAW) -> list[Detections]:
         self.model.eval()
+        heads = self.model.roi_heads  # read by RoIHeads.postprocess_detections on every call
+        heads.score_thresh, heads.nms_thresh, heads.detections_per_img = (
+            prefilter.min_confidence, prefilter.nms, prefilter.max_detections)
         outputs = self.model(self._images(batch))
         return [Detections(out["boxes"].float().cpu(), out["scores"].float().cpu(), out["labels"].cpu() - 1,
                            (out["masks"][:, 0] > 0.5).cpu() if "masks" in out else None) for out in outputs]
 
-    def set_thresholds(self, min_confidence=None, nms=None, max_detections=None) -> None:
-        heads = self.model.roi_heads
-        if min_confidence is not None:
-            heads.score_thresh = float(min_confidence)
-        if nms is not None:
-            heads.nms_thresh = float(nms)
-        if max_detections is not None:
-            heads.detections_per_img = int(max_detections)
 
-    def thresholds(self) -> tuple[float, float, int]:
-        heads = self.model.roi_heads
-        return heads.score_thresh, heads.nms_thresh, heads.detections_per_img
-
-
-def detector_kwargs(min_confidence: float, detection_nms: float, rpn_nms: float, detections_per_image: int,
-                    min_size: int, max_size: int, rpn_pre_nms_top_n_train: int, rpn_post_nms_top_n_train: int,
-                    rpn_pre_nms_top_n_test: int, rpn_post_nms_top_n_test: int, box_batch_size_per_image: int) -> dict:
-    """The config keys every torchvision detector shares, in torchvision's names."""
-    return dict(box_score_thresh=min_confidence, box_nms_thresh=detection_nms, rpn_nms_thresh=rpn_nms,
-                box_detections_per_img=detections_per_image, min_size=min_size, max_size=max_size,
+def detector_kwargs(rpn_nms: float, min_size: int, max_size: int, rpn_pre_nms_top_n_train: int,
+                    rpn_post_nms_top_n_train: int, rpn_pre_nms_top_n_test: int, rpn_post_nms_top_n_test: int,
+                    box_batch_size_per_image: int) -> dict:
+    """The config keys every torchvision detector shares, in torchvision's names. The final score
+    cut, NMS and cap are not among them: ``predict`` takes them per call (an ``OperatingPoint``)."""
+    return dict(rpn_nms_thresh=rpn_nms, min_size=min_size, max_size=max_size,
                 rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train, rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
                 rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test, rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
                 box_batch_size_per_image=box_batch_size_per_image)
@@ -98,14 +91,13 @@ def load_local_weights(model: nn.Module, path: str | os.PathLike) -> None:
     model.load_state_dict(fitting, strict=False)
     skipped = sorted(set(own) - set(fitting))
     if skipped:
-        print(f"loaded {len(fitting)} tensors from {path}; {len(skipped)} left at init (e.g. {skipped[:3]})")
+        logger.info("loaded %d tensors from %s; %d left at init (e.g. %s)", len(fitting), path, len(skipped), skipped[:3])
 
 
 @MODELS.register(name="maskrcnn_effnet_lite0")
 def maskrcnn_effnet_lite0(num_classes: int, masks: bool = True, weights: str = "imagenet", freeze_at: int = 3,
                           fpn_channels: int = 128, anchor_sizes: Sequence[int] = (32, 64, 128, 256),
-                          min_confidence: float = 0.5, detection_nms: float = 0.5, rpn_nms: float = 0.7,
-                          detections_per_image: int = 300, min_size: int = 384, max_size: int = 640,
+                          rpn_nms: float = 0.7, min_size: int = 384, max_size: int = 640,
                           rpn_pre_nms_top_n_train: int = 1000, rpn_post_nms_top_n_train: int = 500,
                           rpn_pre_nms_top_n_test: int = 500, rpn_post_nms_top_n_test: int = 150,
                           box_batch_size_per_image: int = 64) -> TorchvisionDetector:
@@ -119,7 +111,7 @@ def maskrcnn_effnet_lite0(num_classes: int, masks: bool = True, weights: str = "
     """
     backbone = EffNetLite0FPN(pretrained=weights == "imagenet", freeze_at=freeze_at, out_channels=fpn_channels)
     anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * len(anchor_sizes))
-    kwargs = detector_kwargs(min_confidence, detection_nms, rpn_nms, detections_per_image, min_size, max_size,
+    kwargs = detector_kwargs(rpn_nms, min_size, max_size,
                              rpn_pre_nms_top_n_train, rpn_post_nms_top_n_train, rpn_pre_nms_top_n_test,
                              rpn_post_nms_top_n_test, box_batch_size_per_image)
     # Heads sized to the FPN width (torchvision's defaults assume 256 channels and a 1024 MLP).
@@ -182,14 +174,12 @@ def _resnet_detector(variant: str, num_classes: int, masks: bool, weights: str, 
 
 def _register_resnet(variant: str) -> None:
     def build(num_classes: int, masks: bool = True, weights: str = "none", anchor_sizes=None,
-              min_confidence: float = 0.5, detection_nms: float = 0.5, rpn_nms: float = 0.7,
-              detections_per_image: int = 300, min_size: int = 800, max_size: int = 1333,
+              rpn_nms: float = 0.7, min_size: int = 800, max_size: int = 1333,
               rpn_pre_nms_top_n_train: int = 2000, rpn_post_nms_top_n_train: int = 2000,
               rpn_pre_nms_top_n_test: int = 1000, rpn_post_nms_top_n_test: int = 1000,
               box_batch_size_per_image: int = 512) -> TorchvisionDetector:
         return _resnet_detector(variant, num_classes, masks, weights, anchor_sizes,
-                                min_confidence=min_confidence, detection_nms=detection_nms, rpn_nms=rpn_nms,
-                                detections_per_image=detections_per_image, min_size=min_size, max_size=max_size,
+                                rpn_nms=rpn_nms, min_size=min_size, max_size=max_size,
                                 rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
                                 rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
                                 rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,

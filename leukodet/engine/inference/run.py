@@ -1,0 +1,218 @@
+"""``run_inference``: discover images -> skip those already done -> read + preprocess in loader
+workers (the training mapper, from the checkpoint's run config) -> predict in batches at the
+operating point -> one record and an overlay per image, written as it finishes -> one pass over all
+the records through the folder-wide writers.
+
+The records make the run resumable and keep memory flat: nothing accumulates between images, and
+the folder-wide files are rebuilt from the records on every run, so they cover every image done,
+in this run or before.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pycocotools import mask as mask_utils
+from tqdm import tqdm
+
+from leukodet.data.catalog import class_colors
+from leukodet.data.imageio import ImageReadError, image_size, read_image
+from leukodet.data.via_export import mask_polygon
+from leukodet.engine.data import make_loader
+from leukodet.engine.evaluate import load_detector, operating_point, run_config
+from leukodet.engine.inference.discovery import discover_images, relative_name
+from leukodet.engine.inference.store import RecordStore, RunSettings
+from leukodet.engine.inference.writers import (CocoResults, CountsCsv, DetectionsCsv, FolderSummary, ViaProject,
+                                               write_errors)
+from leukodet.engine.predictor import predict_original
+from leukodet.evaluation.metrics import resolve_share_class
+from leukodet.preprocess.mapper import DatasetMapper
+from leukodet.structures import ImagePredictions, OperatingPoint
+from leukodet.viz import draw_predictions, write_rgb
+
+logger = logging.getLogger(__name__)
+
+
+class InferenceReader:
+    """Loader-worker side: a file -> the model sample (training mapper) plus the picture to draw
+    on; any failure becomes an ``{"error": ...}`` item, so one bad file never stops the run."""
+
+    def __init__(self, preprocess_cfg, max_megapixels: float, with_display: bool):
+        self.mapper = DatasetMapper(preprocess_cfg)
+        self.max_pixels = max_megapixels * 1e6
+        self.with_display = with_display
+
+    def __call__(self, path: Path) -> dict:
+        try:
+            width, height = image_size(path)
+            if width * height > self.max_pixels:
+                raise ImageReadError(f"{path}: {width}x{height} is {width * height / 1e6:.0f} MP, above "
+                                     f"infer.max_megapixels={self.max_pixels / 1e6:g}; raise it or downscale the file")
+            sample = self.mapper.map_image(path)
+            if self.with_display:
+                sample["display"] = read_image(path)
+            return sample
+        except Exception as err:  # noqa: BLE001 - reported per file in errors.csv, the run goes on
+            message = str(err) if str(path) in str(err) else f"{path}: {err}"
+            return {"file_name": str(path), "error": f"{type(err).__name__}: {message}"}
+
+
+def loader_settings(infer_cfg: DictConfig, on_gpu: bool) -> tuple[int, int]:
+    """(batch size, loader workers); null means the measured best (bench/bench_infer.py): on a GPU
+    batches of 8 read ahead by up to 4 workers; on a CPU one image at a time (batching padded images
+    was slower there) with one worker reading ahead."""
+    batch_size = infer_cfg.batch_size or (8 if on_gpu else 1)
+    num_workers = infer_cfg.num_workers if infer_cfg.num_workers is not None else (
+        min(4, max(1, (os.cpu_count() or 2) - 1)) if on_gpu else 1)
+    return batch_size, num_workers
+
+
+def detection_rows(prediction: ImagePredictions, class_names: Sequence[str]) -> list[dict]:
+    """Per-detection results in file pixels: class, score, XYWH box, area (mask pixels, or the box
+    area for box-only models), the RLE mask and the VIA outline."""
+    rows = []
+    for k in range(len(prediction)):
+        x0, y0, x1, y1 = (float(v) for v in prediction.boxes[k])
+        row = {"class": class_names[int(prediction.labels[k])], "category_id": int(prediction.labels[k]) + 1,
+               "score": round(float(prediction.scores[k]), 4),
+               "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)]}
+        if prediction.rles is not None:
+            rle = prediction.rles[k]
+            outline = mask_polygon(mask_utils.decode(rle))
+            row.update(area=int(mask_utils.area(rle)),
+                       segmentation={"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")},
+                       polygon=None if outline is None else outline.tolist())
+        else:
+            row.update(area=round((x1 - x0) * (y1 - y0), 2), polygon=None)
+        rows.append(row)
+    return rows
+
+
+def class_counts(detections: Sequence[dict], class_names: Sequence[str]) -> dict[str, int]:
+    counts = dict.fromkeys(class_names, 0)
+    for det in detections:
+        counts[det["class"]] += 1
+    return counts
+
+
+@dataclass
+class InferenceSummary:
+    out_dir: Path
+    images: int = 0  # found in the input
+    processed: int = 0  # in this run
+    skipped: int = 0  # done before
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def done(self) -> int:
+        return self.processed + self.skipped
+
+
+def predict_batch(adapter, samples: list[dict], point: OperatingPoint) -> list[ImagePredictions | str]:
+    """Predictions for a batch; if the batch fails (say, out of memory on one huge image), each
+    image is retried alone and a failure is returned as its error message."""
+    try:
+        return predict_original(adapter, samples, point)
+    except RuntimeError:
+        if len(samples) == 1:
+            raise
+    results: list[ImagePredictions | str] = []
+    for sample in samples:
+        try:
+            results.extend(predict_original(adapter, [sample], point))
+        except RuntimeError as err:
+            results.append(f"RuntimeError: {sample['file_name']}: prediction failed: {err}")
+    return results
+
+
+def image_record(rel: str, path: Path, sample: dict, prediction: ImagePredictions, class_names: Sequence[str],
+                 seconds: float) -> dict:
+    detections = detection_rows(prediction, class_names)
+    return {"file": rel, "size": path.stat().st_size, "width": sample["orig_width"], "height": sample["orig_height"],
+            "counts": class_counts(detections, class_names), "seconds": round(seconds, 4), "detections": detections}
+
+
+def run_inference(cfg: DictConfig, out_dir: str | os.PathLike) -> InferenceSummary:
+    """`tools/infer.py`: predict every image under ``cfg.input`` with ``cfg.ckpt`` into
+    ``out_dir`` (see the module doc for the files written)."""
+    if not cfg.get("input"):
+        raise ValueError("input=... is required: a folder of images (searched recursively) or one image file")
+    run_cfg = run_config(cfg)
+    infer_cfg = run_cfg.infer
+    out_dir = Path(out_dir)
+    root, images = discover_images(run_cfg.input)
+    summary = InferenceSummary(out_dir, images=len(images))
+
+    module = load_detector(run_cfg.ckpt)
+    class_names = list(module.hparams.class_names)
+    share_class = resolve_share_class(run_cfg.eval.get("share_class"), class_names)
+    point = operating_point(run_cfg)
+    settings = RunSettings(out_dir, {
+        "checkpoint": str(Path(run_cfg.ckpt).resolve()), "model": run_cfg.model.name, "classes": class_names,
+        "min_confidence": point.min_confidence, "nms": point.nms, "max_detections": point.max_detections,
+        "thresholds_from": point.source, "preprocess": OmegaConf.to_container(run_cfg.preprocess, resolve=True),
+        "input": str(root.resolve())})
+    settings.check(infer_cfg.overwrite)
+    settings.save()
+    store = RecordStore(out_dir, root)
+    batch_size, num_workers = loader_settings(infer_cfg, module.device.type == "cuda")
+    logger.info("%d images under %s; model %s on %s (batch %d, %d loader workers); %s", len(images), root,
+                run_cfg.model.name, module.device, batch_size, num_workers, point.describe())
+
+    todo = images if infer_cfg.overwrite else [p for p in images if not store.is_done(p)]
+    summary.skipped = len(images) - len(todo)
+    if summary.skipped:
+        logger.info("%d images already done in %s (infer.overwrite=true redoes them)", summary.skipped, out_dir)
+    colors = class_colors(len(class_names))
+    reader = InferenceReader(run_cfg.preprocess, infer_cfg.max_megapixels, infer_cfg.overlays)
+    loader = make_loader(todo, reader, batch_size, False, num_workers)
+    start = time.perf_counter()
+    with torch.inference_mode(), tqdm(total=len(todo), desc="inference", unit="img") as bar:
+        for batch in (loader if todo else []):
+            batch_start = time.perf_counter()
+            good = [s for s in batch if "error" not in s]
+            outcomes = dict(zip((s["file_name"] for s in good), predict_batch(module.adapter, good, point))) if good else {}
+            per_image = (time.perf_counter() - batch_start) / max(len(batch), 1)
+            for sample in batch:
+                path = Path(sample["file_name"])
+                rel = relative_name(path, root)
+                outcome = sample.get("error") or outcomes[sample["file_name"]]
+                if isinstance(outcome, str):
+                    summary.errors.append((rel, outcome))
+                    store.forget(rel)
+                    tqdm.write(f"{rel}: skipped, {outcome}")
+                else:
+                    record = image_record(rel, path, sample, outcome, class_names, per_image)
+                    if infer_cfg.overlays:  # the overlay first: the record's presence means the image is done
+                        write_rgb(store.overlay_path(rel), draw_predictions(sample["display"], outcome, class_names, colors))
+                    store.save(record)
+                    summary.processed += 1
+                    tqdm.write(f"{rel}: " + ", ".join(f"{c} {n}" for c, n in record["counts"].items())
+                               + f" ({per_image:.2f} s)")
+                bar.update(1)
+    summary.seconds = time.perf_counter() - start
+    with ExitStack() as stack:
+        writers = [stack.enter_context(writer) for writer in (
+            CountsCsv(out_dir / "counts.csv", class_names, share_class, settings.settings),
+            DetectionsCsv(out_dir / "detections.csv"),
+            CocoResults(out_dir / "results_coco.json"),
+            ViaProject(out_dir / "via_project.json", class_names, root),
+            FolderSummary(out_dir / "folders.csv", class_names, share_class, infer_cfg.flag_share))]
+        for image_id, record in enumerate(store.done_records(images), start=1):
+            for writer in writers:
+                writer.add(image_id, record)
+    write_errors(out_dir / "errors.csv", summary.errors)
+    rate = f" ({summary.processed / summary.seconds:.2f} images/s)" if summary.processed else ""
+    logger.info("%d images in %.1f s%s, %d already done, %d could not be processed%s", summary.processed,
+                summary.seconds, rate, summary.skipped, len(summary.errors),
+                f" (see {out_dir / 'errors.csv'})" if summary.errors else "")
+    return summary

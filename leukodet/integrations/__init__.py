@@ -1,0 +1,1 @@
+"""Glue to optional outside engines; each lives in one module and imports its engine lazily."""
