@@ -109,15 +109,16 @@ def test_the_coco_reader_clips_by_the_same_rule(tmp_path):
     assert [(s.region, s.reason) for s in result.skips] == [(2, f"outside the {WIDTH}x{HEIGHT} image")]
 
 
-def test_prepare_reports_clipped_regions_and_closed_polylines_and_takes_min_area_inside(tmp_path, capsys):
+def test_prepare_reports_clipped_regions_and_closed_polylines_and_takes_min_area_inside(tmp_path, caplog):
     path = via_file(tmp_path, [
         {"name": "circle", "cx": 5, "cy": 75, "r": 20},
         {"name": "polyline", "all_points_x": [60, 90, 75], "all_points_y": [50, 50, 80]},
         {"name": "rect", "x": 100, "y": 100, "width": 5, "height": 5},
     ])
     common = {"split": {"train": 1.0}, "flips": []}
-    prepare_dataset([{"name": "via", "path": str(path)}], tmp_path / "out", **common)
-    printed = capsys.readouterr().out
+    with caplog.at_level("INFO", logger="leukodet.data.prepare"):
+        prepare_dataset([{"name": "via", "path": str(path)}], tmp_path / "out", **common)
+    printed = caplog.text
     assert f"regions kept but changed: 1 {CLIPPED}, 1 {CLOSED_POLYLINE}" in printed
     prepared = prepare_dataset([{"name": "via", "path": str(path)}], tmp_path / "out2", min_area_inside=30, **common)
     assert [s.reason for s in prepared.skips] == [f"less than 30 px² inside the {WIDTH}x{HEIGHT} image"]

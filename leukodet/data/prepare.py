@@ -270,13 +270,13 @@ def skips_table(skips: Sequence[Skip]) -> pd.DataFrame:
     return pd.DataFrame([vars(s) for s in skips], columns=["stage", "source", "file_name", "region", "reason", "detail"])
 
 
-def print_skip_summary(skips: Sequence[Skip], csv_path: Path) -> None:
+def log_skip_summary(skips: Sequence[Skip], csv_path: Path) -> None:
     if not skips:
-        print("nothing skipped")
+        logger.info("nothing skipped")
         return
     table = skips_table(skips).groupby(["stage", "reason"]).size().rename("count").reset_index()
-    print(f"{len(skips)} regions/images skipped (every one listed in {csv_path}):")
-    print(table.to_string(index=False))
+    logger.info("%d regions/images skipped (every one listed in %s):\n%s", len(skips), csv_path,
+                table.to_string(index=False))
 
 
 def prepare_dataset(sources: Sequence[Mapping[str, Any]], out_dir: str | Path, classes: Sequence[str] | None = None,
@@ -338,9 +338,8 @@ def prepare_dataset(sources: Sequence[Mapping[str, Any]], out_dir: str | Path, c
     atomic_write_text(out_dir / "summary.csv", table.to_csv(index=False))
     atomic_write_text(out_dir / "skipped.csv", skips_table(skips).to_csv(index=False))
     point_note = " (count-only points)" if all(r.kind == POINT for rec in records for r in rec.regions) else ""
-    print(f"prepared {len(records)} images{point_note}, classes {classes}, box_only={box_only}")
-    print(table.to_string(index=False))
-    print_skip_summary(skips, out_dir / "skipped.csv")
-    print(parsed.describe_changes())
-    print(f"results saved to {out_dir}")
+    logger.info("prepared %d images%s, classes %s, box_only=%s\n%s", len(records), point_note, classes, box_only,
+                table.to_string(index=False))
+    log_skip_summary(skips, out_dir / "skipped.csv")
+    logger.info(parsed.describe_changes())
     return Prepared(out_dir, split_files, table, skips)

@@ -1,4 +1,4 @@
-"""Evaluation: the figures of DESIGN.md's "Metric definitions", and threshold sweeps.
+"""Evaluation: the figures of docs/metrics.md, and threshold sweeps.
 
 matching   one-to-one matching (``match_image``, ``match_points``) and the confusion-matrix ``Tally``
 metrics    ``evaluate`` / ``Evaluator`` -> ``EvaluationResult``; ``to_rle_predictions``; named metrics in

@@ -1,4 +1,4 @@
-"""One-to-one matching of predictions to ground truth (DESIGN.md, "Metric definitions").
+"""One-to-one matching of predictions to ground truth (docs/metrics.md).
 
 Matching ignores class: each prediction, highest score first, takes the unmatched ground truth
 with the highest IoU >= the threshold. A match with the same class is a TP; a match with another

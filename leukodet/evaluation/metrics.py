@@ -1,4 +1,4 @@
-"""The evaluator: every figure of DESIGN.md's "Metric definitions" at one operating point.
+"""The evaluator: every figure of docs/metrics.md at one operating point.
 
 P/R/F1/accuracy from one-to-one matching (class-aware and class-agnostic), per-class count MAE and
 bias, the share class's share error (e.g. lymphoblasts), RBC count accuracy, confusion matrix, and COCO AP50 / AP50:95 for
