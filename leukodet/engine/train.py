@@ -86,8 +86,9 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
         return evaluate(records, predictions, classes, min_confidence=point.min_confidence,
                         iou_threshold=cfg.eval.iou_threshold, share_class=cfg.eval.share_class).summary()
 
-    module = DetectionModule(OmegaConf.to_container(cfg.model, resolve=True),
-                             OmegaConf.to_container(tcfg, resolve=True), classes, box_only, evaluate_fn, point)
+    optim_cfg = OmegaConf.to_container(tcfg, resolve=True, enum_to_str=True)  # plain data in the checkpoint
+    module = DetectionModule(OmegaConf.to_container(cfg.model, resolve=True), optim_cfg, classes, box_only,
+                             evaluate_fn, point)
     metric = best_metric_name(tcfg, box_only)
     checkpoints = run_dir / "checkpoints"
     best = ModelCheckpoint(checkpoints, filename="best", monitor=metric, mode=best_metric_mode(metric), save_top_k=1,

