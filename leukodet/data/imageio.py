@@ -95,8 +95,12 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """
     path = Path(path)
     try:
+        if path.stat().st_size == 0:  # else PIL says "format not recognised", which misleads
+            raise ImageReadError(f"{path}: file is empty")
         with Image.open(path) as image:
             return image.size
+    except ImageReadError:
+        raise
     except FileNotFoundError:
         raise ImageReadError(f"{path}: file not found") from None
     except UnidentifiedImageError:
