@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -21,7 +22,7 @@ from leukodet.evaluation.counts import CountTable, count_table
 from leukodet.evaluation.metrics import EvaluationResult, evaluate
 from leukodet.evaluation.report import format_table, format_touching, save_report
 from leukodet.evaluation.sweep import cache_key, load_raw, load_thresholds, plot_heatmap, save_raw, save_thresholds, sweep
-from leukodet.io import atomic_write_text
+from leukodet.io import UnreadableFileError, UnsafeFileError, atomic_write_text, load_tensor_file
 from leukodet.preprocess.mapper import DatasetMapper
 from leukodet.structures import RAW, ImagePredictions, OperatingPoint, refilter
 from leukodet.viz import draw_predictions, write_rgb
@@ -35,14 +36,34 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or not inside a leukodet run directory."""
 
 
-def load_detector(checkpoint: str | Path) -> DetectionModule:
-    """The trained module from a Lightning checkpoint, on the GPU when there is one, in eval mode."""
+def read_checkpoint(checkpoint: str | Path, map_location: Any = "cpu") -> dict:
+    """A checkpoint's contents, loaded as data only (``leukodet.io.load_tensor_file``): a missing,
+    empty, truncated or corrupt file, or one carrying Python objects that could run code when
+    loaded, raises ``CheckpointError`` naming the file and what to do."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise CheckpointError(f"{checkpoint}: no such checkpoint file")
+    try:
+        return load_tensor_file(checkpoint, map_location)
+    except UnsafeFileError as err:
+        raise CheckpointError(f"{err}; use a checkpoint written by leukodet, or re-save this one's state_dict "
+                              "in a session you trust") from None
+    except UnreadableFileError as err:
+        raise CheckpointError(f"{err}; copy the checkpoint again or use another one") from None
+
+
+def load_detector(checkpoint: str | Path) -> DetectionModule:
+    """The trained module from a Lightning checkpoint (read as data only, see ``read_checkpoint``),
+    on the GPU when there is one, in eval mode."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    module = DetectionModule.load_from_checkpoint(checkpoint, map_location=device, weights_only=False)
-    return module.eval()
+    state = read_checkpoint(checkpoint, map_location=device)
+    hparams = state.get("hyper_parameters") if isinstance(state, dict) else None
+    if not hparams or "state_dict" not in state:
+        raise CheckpointError(f"{checkpoint}: not a leukodet training checkpoint (no hyper_parameters or state_dict); "
+                              "pass a run's checkpoints/best.ckpt or last.ckpt")
+    module = DetectionModule(hparams["model_cfg"], hparams["optim_cfg"], hparams["class_names"], hparams["box_only"])
+    module.load_state_dict(state["state_dict"])
+    return module.to(device).eval()
 
 
 def run_config(cfg: DictConfig) -> DictConfig:
@@ -107,7 +128,7 @@ def cached_raw_predictions(cfg: DictConfig, module: DetectionModule, checkpoint:
     records = get_dataset_dicts(name)
     # keyed by the registered name, not the split alone: one checkpoint can score other datasets' splits
     key = cache_key(checkpoint, name, OmegaConf.to_container(cfg.preprocess, resolve=True))
-    path = Path(checkpoint).parent / "cache" / f"raw_{split}_{key}.pkl"
+    path = Path(checkpoint).parent / "cache" / f"raw_{split}_{key}.npz"
     if path.is_file():
         return records, load_raw(path)["predictions"]
     raw = predict_split(cfg, module, records, RAW, f"raw predictions {name}")

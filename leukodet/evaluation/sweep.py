@@ -12,9 +12,9 @@ gone, so sweep min confidences at or above the floor only.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
-import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,12 +40,46 @@ def cache_key(checkpoint: str | Path, split: str, preprocess: dict) -> str:
 
 
 def save_raw(path: str | Path, raw: Sequence[ImagePredictions], floor: float, cap: int) -> Path:
-    return atomic_write_bytes(path, pickle.dumps({"floor": floor, "cap": cap, "predictions": list(raw)}))
+    """The cache as plain arrays in an ``.npz`` (data only: loading it can never run code, unlike a
+    pickle): every image's detections concatenated, with per-image counts, and the RLE masks as
+    their sizes and the bytes of their counts strings."""
+    rles = [rle for r in raw if r.rles is not None for rle in r.rles]
+    counts = [rle["counts"] for rle in rles]
+    arrays = {
+        "floor": np.float64(floor), "cap": np.int64(cap),
+        "per_image": np.array([len(r) for r in raw], np.int64),
+        "has_masks": np.array([r.rles is not None for r in raw], bool),
+        "boxes": np.concatenate([np.asarray(r.boxes, np.float32).reshape(-1, 4) for r in raw] or [np.zeros((0, 4), np.float32)]),
+        "scores": np.concatenate([np.asarray(r.scores, np.float32) for r in raw] or [np.zeros(0, np.float32)]),
+        "labels": np.concatenate([np.asarray(r.labels, np.int64) for r in raw] or [np.zeros(0, np.int64)]),
+        "rle_sizes": np.array([rle["size"] for rle in rles], np.int64).reshape(-1, 2),
+        "rle_lengths": np.array([len(c) for c in counts], np.int64),
+        "rle_bytes": np.frombuffer(b"".join(counts), np.uint8),
+    }
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_raw(path: str | Path) -> dict:
-    with open(path, "rb") as handle:
-        return pickle.load(handle)
+    """``{"floor", "cap", "predictions"}`` from a cache written by ``save_raw``."""
+    with np.load(path, allow_pickle=False) as cache:
+        arrays = {key: cache[key] for key in cache.files}
+    blob = arrays["rle_bytes"].tobytes()
+    rle_ends = np.cumsum(arrays["rle_lengths"])
+    predictions, start, rle_index = [], 0, 0
+    for n, has_masks in zip(arrays["per_image"].tolist(), arrays["has_masks"].tolist()):
+        rles = None
+        if has_masks:
+            rles = []
+            for k in range(rle_index, rle_index + n):
+                begin = int(rle_ends[k - 1]) if k else 0
+                rles.append({"size": arrays["rle_sizes"][k].tolist(), "counts": blob[begin:int(rle_ends[k])]})
+            rle_index += n
+        predictions.append(ImagePredictions(arrays["boxes"][start:start + n], arrays["scores"][start:start + n],
+                                            arrays["labels"][start:start + n], rles))
+        start += n
+    return {"floor": float(arrays["floor"]), "cap": int(arrays["cap"]), "predictions": predictions}
 
 
 def binding_warnings(min_confidences: Sequence[float], cache_floor: float, cache_cap: int,

@@ -19,6 +19,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
 from leukodet.config import EffNetLite0Config, TorchvisionRCNNConfig
+from leukodet.io import UnreadableFileError, UnsafeFileError, load_tensor_file
 from leukodet.models.backbones import EffNetLite0FPN
 from leukodet.models.base import DetectorAdapter
 from leukodet.registry import MODELS
@@ -94,7 +95,10 @@ def load_local_weights(model: nn.Module, path: str | os.PathLike) -> None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model.weights={path}: no such file")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = load_tensor_file(path)  # data only: a weight file must not run code when loaded
+    except (UnreadableFileError, UnsafeFileError) as err:
+        raise ValueError(f"model.weights={err}; pass a state_dict saved with torch.save, or model.weights=none") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
