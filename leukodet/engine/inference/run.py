@@ -29,11 +29,12 @@ from leukodet.data.via_export import mask_polygon
 from leukodet.engine.data import make_loader
 from leukodet.engine.evaluate import load_detector, operating_point, run_config
 from leukodet.engine.inference.discovery import discover_images, relative_name
-from leukodet.engine.inference.store import RecordStore, RunSettings
+from leukodet.engine.inference.store import RecordStore, RunSettings, file_identity, stale_inputs_message
 from leukodet.engine.inference.writers import (CocoResults, CountsCsv, DetectionsCsv, FolderSummary, ViaProject,
                                                write_errors)
 from leukodet.engine.predictor import predict_original
 from leukodet.evaluation.metrics import resolve_share_class
+from leukodet.io import file_sha256
 from leukodet.preprocess.mapper import DatasetMapper
 from leukodet.structures import ImagePredictions, OperatingPoint
 from leukodet.viz import draw_predictions, write_rgb
@@ -52,11 +53,13 @@ class InferenceReader:
 
     def __call__(self, path: Path) -> dict:
         try:
+            identity = file_identity(path)  # before reading: a file replaced meanwhile is caught next run
             width, height = image_size(path)
             if width * height > self.max_pixels:
                 raise ImageReadError(f"{path}: {width}x{height} is {width * height / 1e6:.0f} MP, above "
                                      f"infer.max_megapixels={self.max_pixels / 1e6:g}; raise it or downscale the file")
             sample = self.mapper.map_image(path)
+            sample["file_identity"] = identity
             if self.with_display:
                 sample["display"] = read_image(path)
             return sample
@@ -137,8 +140,24 @@ def predict_batch(adapter, samples: list[dict], point: OperatingPoint) -> list[I
 def image_record(rel: str, path: Path, sample: dict, prediction: ImagePredictions, class_names: Sequence[str],
                  seconds: float) -> dict:
     detections = detection_rows(prediction, class_names)
-    return {"file": rel, "size": path.stat().st_size, "width": sample["orig_width"], "height": sample["orig_height"],
+    return {"file": rel, **sample["file_identity"], "width": sample["orig_width"], "height": sample["orig_height"],
             "counts": class_counts(detections, class_names), "seconds": round(seconds, 4), "detections": detections}
+
+
+def reusable_check(settings: RunSettings, store: RecordStore, images: Sequence[Path]) -> list[Path]:
+    """The images still to do; refuses (ValueError naming what differs) when the folder's results
+    were made with other settings or from input files that have changed since."""
+    settings.check(overwrite=False)
+    todo, stale = [], []
+    for path in images:
+        status = store.status(path)
+        if status == "new":
+            todo.append(path)
+        elif status != "done":
+            stale.append((relative_name(path, store.root), status))
+    if stale:
+        raise ValueError(stale_inputs_message(store.out_dir, stale))
+    return todo
 
 
 def run_inference(cfg: DictConfig, out_dir: str | os.PathLike) -> InferenceSummary:
@@ -157,18 +176,18 @@ def run_inference(cfg: DictConfig, out_dir: str | os.PathLike) -> InferenceSumma
     share_class = resolve_share_class(run_cfg.eval.get("share_class"), class_names)
     point = operating_point(run_cfg)
     settings = RunSettings(out_dir, {
-        "checkpoint": str(Path(run_cfg.ckpt).resolve()), "model": run_cfg.model.name, "classes": class_names,
+        "checkpoint": str(Path(run_cfg.ckpt).resolve()), "checkpoint_sha256": file_sha256(run_cfg.ckpt),
+        "model": run_cfg.model.name, "classes": class_names,
         "min_confidence": point.min_confidence, "nms": point.nms, "max_detections": point.max_detections,
         "thresholds_from": point.source, "preprocess": OmegaConf.to_container(run_cfg.preprocess, resolve=True),
         "input": str(root.resolve())})
-    settings.check(infer_cfg.overwrite)
-    settings.save()
     store = RecordStore(out_dir, root)
+    todo = images if infer_cfg.overwrite else reusable_check(settings, store, images)
+    settings.save()  # only now: a refused run leaves the folder as it was
     batch_size, num_workers = loader_settings(infer_cfg, module.device.type == "cuda")
     logger.info("%d images under %s; model %s on %s (batch %d, %d loader workers); %s", len(images), root,
                 run_cfg.model.name, module.device, batch_size, num_workers, point.describe())
 
-    todo = images if infer_cfg.overwrite else [p for p in images if not store.is_done(p)]
     summary.skipped = len(images) - len(todo)
     if summary.skipped:
         logger.info("%d images already done in %s (infer.overwrite=true redoes them)", summary.skipped, out_dir)
