@@ -33,6 +33,16 @@ def output_dir(cfg: DictConfig) -> Path:
     return Path(run_dir) if run_dir else Path(HydraConfig.get().runtime.output_dir)
 
 
+def one_line(err: BaseException) -> str:
+    """The error's own message; for one re-raised from a loader worker (torch puts the worker's
+    whole traceback in the message), the worker's last line, which is the original message."""
+    message = str(err).strip()
+    if "Original Traceback" in message:
+        last = message.splitlines()[-1]
+        return last.split(": ", 1)[1] if last.startswith(f"{type(err).__name__}: ") else last
+    return message
+
+
 def run_tool(run: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> Any:
     """``run(cfg, output folder)`` after loading plugins; a known error becomes
     ``error: <message>`` and exit status 2 (the traceback too with LEUKODET_DEBUG=1)."""
@@ -43,7 +53,7 @@ def run_tool(run: Callable[[DictConfig, Path], Any], cfg: DictConfig) -> Any:
     except KNOWN_ERRORS as err:
         if os.environ.get(DEBUG_ENV):
             raise
-        print(f"error: {err}\n(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        print(f"error: {one_line(err)}\n(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         sys.exit(2)
     print(f"results saved to {out_dir}")
     return result

@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
 from leukodet.data.catalog import get_dataset_dicts, get_metadata, split_name
 from leukodet.data.pipeline import ensure_prepared
 from leukodet.engine.curves import plot_loss_curves
 from leukodet.engine.data import make_loader
-from leukodet.engine.evaluate import load_detector, score_split
+from leukodet.engine.evaluate import CheckpointError, load_detector, score_split
 from leukodet.engine.module import DetectionModule
 from leukodet.evaluation.metrics import evaluate
-from leukodet.io import atomic_write_text
+from leukodet.io import UnreadableFileError, UnsafeFileError, atomic_open, atomic_write_text, load_tensor_file
 from leukodet.preprocess.mapper import DatasetMapper
 from leukodet.registry import METRICS
 from leukodet.structures import OperatingPoint
@@ -57,6 +61,123 @@ def trained_point(cfg: DictConfig) -> OperatingPoint:
     return OperatingPoint(cfg.eval.min_confidence, cfg.eval.nms, cfg.eval.max_detections, "training run's eval")
 
 
+# What may change when a run resumes: how long it runs, where, on what hardware and how it is fed,
+# and what other tools read (paths, infer, ...). Anything else would make one run of two.
+RESUME_MAY_CHANGE = ("train.max_steps", "train.run_dir", "train.resume", "train.num_workers", "train.devices",
+                     "train.accelerator", "train.strategy", "paths", "infer", "ckpt", "input", "split", "sweep")
+
+
+class RunConfigError(ValueError):
+    """A run directory trained with another config than the one given now."""
+
+
+def flat_config(cfg: Any) -> dict[str, Any]:
+    """``{"train.lr": 0.01, "preprocess.steps": [...], ...}``: a config as plain data (enums as
+    their names, as config.yaml stores them), one entry per leaf; lists are compared whole."""
+    plain = OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(cfg, resolve=True)), resolve=True)
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk(plain, "")
+    return flat
+
+
+def config_differences(saved: Any, given: Any) -> list[str]:
+    """The keys (outside ``RESUME_MAY_CHANGE``) whose values differ between two configs."""
+    before, now = flat_config(saved), flat_config(given)
+    missing = object()
+    return sorted(key for key in before.keys() | now.keys()
+                  if not any(key == k or key.startswith(f"{k}.") for k in RESUME_MAY_CHANGE)
+                  and before.get(key, missing) != now.get(key, missing))
+
+
+def resume_step(cfg: DictConfig, run_dir: Path) -> int | None:
+    """The step a run resumes from (``last.ckpt``'s), or None for a fresh start. Refuses, before
+    anything is written, a run directory trained with another config, and a ``last.ckpt`` that
+    cannot be read; both name ``train.resume=false``, which starts that folder again from step 0."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not cfg.train.resume or not last.is_file():
+        return None
+    fresh = (f"pass train.resume=false to train again from step 0 in {run_dir} (replacing its checkpoints and "
+             f"log), or train.run_dir=... for a new folder")
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        changed = config_differences(OmegaConf.load(saved), cfg)
+        if changed:
+            shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+            raise RunConfigError(f"{saved}: this run was trained with other settings ({shown} differ); resuming "
+                                 f"would make one run of two: {fresh}")
+    try:
+        state = load_tensor_file(last)
+    except (UnreadableFileError, UnsafeFileError) as err:
+        raise CheckpointError(f"{err}; cannot resume from it (nothing was changed): {fresh}") from None
+    return int(state.get("global_step", 0))
+
+
+class KeepingCsvWriter(ExperimentWriter):
+    """Lightning's metrics.csv writer, changed to lose nothing: it never deletes the file of an
+    earlier attempt (Lightning's does, when a run resumes in its folder), keeps that attempt's rows
+    before the step the run resumes from (later ones are logged again), and rewrites the whole
+    file atomically on each save, so a kill leaves the last whole file."""
+
+    def __init__(self, log_dir: str, resume_from: int | None):
+        super().__init__(log_dir)
+        self.rows = self._earlier_rows(resume_from)
+
+    def _check_log_dir_exists(self) -> None:
+        pass  # Lightning deletes metrics.csv here
+
+    def _earlier_rows(self, resume_from: int | None) -> list[dict]:
+        path = Path(self.metrics_file_path)
+        if resume_from is None or not path.is_file():
+            return []  # a fresh start: the old file stays until the first save replaces it
+        with path.open(newline="") as handle:
+            rows = [{k: v for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
+        return [row for row in rows if float(row.get("step", "inf")) < resume_from]
+
+    def log_hparams(self, params: dict[str, Any]) -> None:
+        self.hparams.update(params)
+        atomic_write_text(Path(self.log_dir) / self.NAME_HPARAMS_FILE, OmegaConf.to_yaml(OmegaConf.create(
+            OmegaConf.to_container(OmegaConf.create(self.hparams)))))
+
+    def save(self) -> None:
+        if not self.metrics:
+            return
+        self.rows.extend({k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()} for row in self.metrics)
+        self.metrics = []
+        self.metrics_keys = sorted(set().union(*self.rows))
+        with atomic_open(self.metrics_file_path, "w", newline="") as out:
+            writer = csv.DictWriter(out, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+
+class KeepingCsvLogger(CSVLogger):
+    """``logs/metrics.csv`` through ``KeepingCsvWriter``, flushed whenever a checkpoint is saved,
+    so every row before a checkpoint's step is on disk when a kill makes the run resume from it."""
+
+    def __init__(self, run_dir: Path, resume_from: int | None):
+        super().__init__(run_dir, name="logs", version="")
+        self._resume_from = resume_from
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> KeepingCsvWriter:
+        if self._experiment is None:
+            Path(self.root_dir).mkdir(parents=True, exist_ok=True)
+            self._experiment = KeepingCsvWriter(self.log_dir, self._resume_from)
+        return self._experiment
+
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        self.save()
+
+
 def precision_for(setting: str) -> str:
     if setting != "auto":
         return setting
@@ -67,6 +188,7 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data``'s train split, validating on val; resume if a
     ``last.ckpt`` is in ``run_dir``. Returns the checkpoints written."""
     run_dir = Path(run_dir)
+    resume_from = resume_step(cfg, run_dir)  # refuses before anything in run_dir changes
     L.seed_everything(cfg.seed, workers=True)
     ensure_prepared(cfg.data)
     name = cfg.data.name
@@ -102,18 +224,18 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
         val_check_interval=tcfg.steps_per_epoch, check_val_every_n_epoch=None,
         limit_val_batches=tcfg.validation_steps or 1.0, num_sanity_val_steps=0,
         log_every_n_steps=min(10, tcfg.steps_per_epoch),
-        logger=[CSVLogger(run_dir, name="logs", version=""), TensorBoardLogger(run_dir, name="tensorboard", version="")],
+        logger=[KeepingCsvLogger(run_dir, resume_from), TensorBoardLogger(run_dir, name="tensorboard", version="")],
         callbacks=[best, last, LearningRateMonitor("step")],
     )
-    resume_from = checkpoints / "last.ckpt"
-    ckpt_path = str(resume_from) if tcfg.resume and resume_from.is_file() else None
+    last_ckpt = checkpoints / "last.ckpt"
+    ckpt_path = str(last_ckpt) if resume_from is not None else None
     if ckpt_path:
-        logger.info("resuming from %s", ckpt_path)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
-    trainer.save_checkpoint(resume_from)  # the final state, whatever the step cadence
+        logger.info("resuming from %s (step %d)", ckpt_path, resume_from)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))  # after resume_step's check
+    trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path, weights_only=True)
+    trainer.save_checkpoint(last_ckpt)  # the final state, whatever the step cadence
     score = best.best_model_score
-    return TrainResult(run_dir, Path(best.best_model_path or resume_from), resume_from, metric,
+    return TrainResult(run_dir, Path(best.best_model_path or last_ckpt), last_ckpt, metric,
                        None if score is None else float(score))
 
 
