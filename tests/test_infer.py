@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import stat
 import subprocess
 import sys
 from collections import Counter, defaultdict
@@ -14,6 +16,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from omegaconf import OmegaConf
 from pycocotools import mask as mask_utils
 
@@ -250,7 +253,7 @@ def test_resume_skips_done_images_and_settings_never_mix(trained_run, smear_fold
     rows_now, rows_then = (out / "counts.csv").read_text().splitlines(), counts_before.splitlines()
     assert set(rows_then) <= set(rows_now) and len(rows_now) == len(rows_then) + 1 and "slideD/new.png" in rows_now[-1]
 
-    with pytest.raises(ValueError, match="min_confidence differ.*infer.overwrite=true"):
+    with pytest.raises(ValueError, match="min_confidence 0.05 -> 0.3.*infer.overwrite=true"):
         run_inference(infer_cfg(trained_run, smear_folder, out, min_confidence="0.3"), out)
     summary = run_inference(infer_cfg(trained_run, smear_folder, out, "infer.overwrite=true", "infer.overlays=false",
                                       min_confidence="0.3"), out)
@@ -277,3 +280,99 @@ def test_tool_exit_status_and_output_folder(trained_run, smear_folder, tmp_path)
     assert "x.jpg" in (tmp_path / "infer" / "bad" / "errors.csv").read_text()
     done = subprocess.run(tool + [f"input={tmp_path / 'missing'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "does not exist" in done.stderr and "Traceback" not in done.stderr
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under a folder (hidden ones too) with its bytes, to show that nothing changed."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_another_input_folder_with_the_same_names_is_refused_not_mixed(trained_run, tmp_path):
+    """Issue 14, finding 1: /a/images and /b/images into one output folder used to report the first
+    folder's results for the second's files of the same name."""
+    images = trained_run / "data" / "images"
+    first, second = tmp_path / "a" / "images", tmp_path / "b" / "images"
+    for folder, source in ((first, "patient00_img000.jpg"), (second, "patient01_img004.jpg")):
+        folder.mkdir(parents=True)
+        (folder / "x.jpg").write_bytes((images / source).read_bytes())
+    out = tmp_path / "out"
+    run_inference(infer_cfg(trained_run, first, out, "infer.overlays=false"), out)
+    before = snapshot(out)
+    with pytest.raises(ValueError, match=f"input {first} -> {second}.*infer.overwrite=true"):
+        run_inference(infer_cfg(trained_run, second, out, "infer.overlays=false"), out)
+    assert snapshot(out) == before  # a refused run writes nothing
+    run_inference(infer_cfg(trained_run, second, out, "infer.overlays=false", "infer.overwrite=true"), out)
+    alone = tmp_path / "alone"
+    run_inference(infer_cfg(trained_run, second, alone, "infer.overlays=false"), alone)
+    assert (out / "counts.csv").read_bytes() == (alone / "counts.csv").read_bytes()
+    assert (out / "detections.csv").read_bytes() == (alone / "detections.csv").read_bytes()
+
+
+def test_a_changed_input_file_is_refused_and_a_touched_one_reused(trained_run, tmp_path):
+    """Finding 1: a record counted as done whenever it existed; size and mtime were never compared."""
+    images = trained_run / "data" / "images"
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for k in range(2):
+        (folder / f"{k}.jpg").write_bytes((images / f"patient00_img00{k}.jpg").read_bytes())
+    out = tmp_path / "out"
+    run_inference(infer_cfg(trained_run, folder, out, "infer.overlays=false"), out)
+    os.utime(folder / "0.jpg", ns=(1, 1))  # touched (or copied) but the same bytes: reused
+    summary = run_inference(infer_cfg(trained_run, folder, out, "infer.overlays=false"), out)
+    assert (summary.processed, summary.skipped) == (0, 2)
+    (folder / "1.jpg").write_bytes((images / "patient01_img004.jpg").read_bytes())  # another picture, same name
+    with pytest.raises(ValueError, match=r"1 input file\(s\) differ.*1\.jpg \(changed since its result was made\)"):
+        run_inference(infer_cfg(trained_run, folder, out, "infer.overlays=false"), out)
+    summary = run_inference(infer_cfg(trained_run, folder, out, "infer.overlays=false", "infer.overwrite=true"), out)
+    assert summary.processed == 2
+
+
+def test_a_retrained_checkpoint_at_the_same_path_is_another_model(trained_run, smear_folder, tmp_path):
+    """Finding 1: the checkpoint was compared by path, so a retrained best.ckpt passed for the old one."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_bytes((trained_run / "run" / "config.yaml").read_bytes())
+    ckpt = run / "checkpoints" / "best.ckpt"
+    ckpt.write_bytes((trained_run / "run" / "checkpoints" / "last.ckpt").read_bytes())
+    cfg = compose(f"ckpt={ckpt}", f"input={smear_folder / 'slideA'}", "infer.num_workers=0", "infer.overlays=false",
+                  "eval.min_confidence=0.05", config_name="inference")
+    out = tmp_path / "out"
+    run_inference(cfg, out)
+    retrained = torch.load(ckpt, map_location="cpu", weights_only=True)
+    retrained["global_step"] += 1  # any change of content: another model for all we know
+    torch.save(retrained, ckpt)
+    with pytest.raises(ValueError, match="checkpoint_sha256 .* -> .*infer.overwrite=true"):
+        run_inference(cfg, out)
+
+
+def test_outputs_are_readable_by_others_and_an_empty_image_says_so(trained_run, tmp_path):
+    """Finding 7: outputs written through mkstemp were 0600; an empty file was 'format not recognised'."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes((trained_run / "data" / "images" / "patient00_img000.jpg").read_bytes())
+    (folder / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "out"
+    old = os.umask(0o022)
+    try:
+        run_inference(infer_cfg(trained_run, folder, out), out)
+    finally:
+        os.umask(old)
+    for name in ("counts.csv", "run.json", "records/a.jpg.json", "overlays/a.jpg", "errors.csv"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name
+    assert "empty.jpg: file is empty" in (out / "errors.csv").read_text()
+
+
+def test_a_refused_tool_run_writes_nothing_and_the_log_holds_the_run(trained_run, smear_folder, tmp_path):
+    """Finding 7: the empty infer.log; a refused run rewrote the output folder's .hydra/ (here with
+    hydra.output_subdir=null, which conf/inference.yaml should make the default: run.json holds the settings)."""
+    ckpt = trained_run / "run" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "out"
+    tool = [sys.executable, str(REPO / "tools" / "infer.py"), f"ckpt={ckpt}", f"input={smear_folder / 'slideA'}",
+            f"infer.out_dir={out}", "infer.num_workers=0", "infer.overlays=false", "hydra.output_subdir=null"]
+    done = subprocess.run(tool + ["eval.min_confidence=0.05"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 images under" in (out / "infer.log").read_text()
+    before = snapshot(out)
+    done = subprocess.run(tool + ["eval.min_confidence=0.3"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.startswith(f"error: {out}: holds results made with other settings")
+    assert "Traceback" not in done.stderr and snapshot(out) == before
