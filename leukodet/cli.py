@@ -39,7 +39,8 @@ def one_line(err: BaseException) -> str:
     message = str(err).strip()
     if "Original Traceback" in message:
         last = message.splitlines()[-1]
-        return last.split(": ", 1)[1] if last.startswith(f"{type(err).__name__}: ") else last
+        raised, _, text = last.partition(": ")  # "package.module.ErrorName: message"
+        return text if raised.rsplit(".", 1)[-1] == type(err).__name__ else last
     return message
 
 

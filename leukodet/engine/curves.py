@@ -13,7 +13,8 @@ import pandas as pd  # noqa: E402
 
 def plot_loss_curves(metrics_csv: str | Path, out_png: str | Path) -> Path:
     """Train loss per logged step and validation loss per validation, in one PNG."""
-    table = pd.read_csv(metrics_csv)
+    # every attempt of a resumed run is in the file (engine.train.KeepingCsvWriter): plot by step
+    table = pd.read_csv(metrics_csv).sort_values("step", kind="stable")
     fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for column, style in (("train/loss", "-"), ("val/loss", "o-")):
         if column in table:

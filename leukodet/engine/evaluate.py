@@ -5,6 +5,7 @@ count tables and benchmarks share."""
 from __future__ import annotations
 
 import logging
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -130,7 +131,10 @@ def cached_raw_predictions(cfg: DictConfig, module: DetectionModule, checkpoint:
     key = cache_key(checkpoint, name, OmegaConf.to_container(cfg.preprocess, resolve=True))
     path = Path(checkpoint).parent / "cache" / f"raw_{split}_{key}.npz"
     if path.is_file():
-        return records, load_raw(path)["predictions"]
+        try:
+            return records, load_raw(path)["predictions"]
+        except (ValueError, OSError, KeyError, zipfile.BadZipFile) as err:  # damaged, or not a cache: remake it
+            logger.warning("%s: unreadable raw-prediction cache (%s); predicting again", path, err)
     raw = predict_split(cfg, module, records, RAW, f"raw predictions {name}")
     save_raw(path, raw, RAW.min_confidence, RAW.max_detections)
     logger.info("cached raw predictions: %s", path)
