@@ -55,19 +55,19 @@ def test_hard_kill_then_resume_finishes_the_same_schedule(tmp_path):
                                stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
-        if last.is_file() and torch.load(last, map_location="cpu", weights_only=False)["global_step"] >= 4:
+        if last.is_file() and torch.load(last, map_location="cpu", weights_only=True)["global_step"] >= 4:
             break
         time.sleep(0.5)
     assert process.poll() is None, "the run ended before it could be killed"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    killed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    killed_at = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
     assert 4 <= killed_at < 10
 
     done = subprocess.run(tiny_run_args(tmp_path, 10), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from" in done.stdout
-    final = torch.load(last, map_location="cpu", weights_only=False)
+    final = torch.load(last, map_location="cpu", weights_only=True)
     assert final["global_step"] == 10
     # the learning rate continued the cosine schedule instead of restarting its warmup
     lrs = pd.read_csv(tmp_path / "run" / "logs" / "metrics.csv").dropna(subset=["lr-SGD"])
@@ -75,6 +75,11 @@ def test_hard_kill_then_resume_finishes_the_same_schedule(tmp_path):
     for _, row in resumed.iterrows():
         assert row["lr-SGD"] == pytest.approx(0.01 * lr_factor(int(row.step), 2, 10, "cosine"), rel=1e-4)
     assert (tmp_path / "run" / "test_metrics.csv").is_file() and (tmp_path / "run" / "loss_curves.png").is_file()
+    # issue 14, finding 3: the killed attempt's rows survive the resume (Lightning's CSVLogger deleted
+    # them), and every logged step appears once across the attempts
+    metrics = pd.read_csv(tmp_path / "run" / "logs" / "metrics.csv")
+    assert metrics.dropna(subset=["train/loss"]).step.tolist() == [3, 7]
+    assert lrs.step.tolist() == sorted(set(lrs.step)) and lrs.step.min() < killed_at
 
     # evaluate the checkpoint: a sweep writes thresholds.json, a multirun re-filters the same cache
     evaluate = [sys.executable, str(REPO / "tools" / "evaluate.py"), f"ckpt={last}", f"paths.output_dir={tmp_path / 'ev'}",
@@ -82,7 +87,7 @@ def test_hard_kill_then_resume_finishes_the_same_schedule(tmp_path):
     done = subprocess.run(evaluate + ["sweep=true", "eval.sweep_min_confidence=[0.1,0.5]", "eval.sweep_nms=[0.3]"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (last.parent / "thresholds.json").is_file() and len(list((last.parent / "cache").glob("raw_val_*.pkl"))) == 1
+    assert (last.parent / "thresholds.json").is_file() and len(list((last.parent / "cache").glob("raw_val_*.npz"))) == 1
     done = subprocess.run(evaluate[:2] + ["-m", *evaluate[2:], "eval.min_confidence=0.1,0.5"], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -107,6 +112,6 @@ def test_ddp_with_two_cpu_processes(tmp_path):
     done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu",
-                      weights_only=False)["global_step"] == 4
+                      weights_only=True)["global_step"] == 4
     metrics = pd.read_csv(tmp_path / "run" / "logs" / "metrics.csv")
     assert metrics["val/ap50_segm"].notna().any()
