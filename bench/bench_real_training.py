@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from leukodet.data.catalog import get_dataset_dicts, get_metadata
+from leukodet.data.catalog import get_dataset_dicts, get_metadata, split_name
 from leukodet.engine.evaluate import cached_raw_predictions, load_detector, predict_split, score_split
 from leukodet.engine.train import fit, trained_point
 from leukodet.evaluation.sweep import sweep
@@ -47,14 +47,14 @@ def best_f1(cfg, module, checkpoint: Path) -> dict:
     """The test split's best F1 over min confidence 0.05-0.95 at the run's NMS, from the raw cache."""
     cfg = OmegaConf.merge(cfg, {"ckpt": str(checkpoint)})
     records, raw = cached_raw_predictions(cfg, module, checkpoint, "test")
-    classes = get_metadata(f"{cfg.data.name}_test")["thing_classes"]
+    classes = get_metadata(split_name(cfg.data.name, "test"))["thing_classes"]
     grid = [round(0.05 * k, 2) for k in range(1, 20)]
     return sweep(records, raw, classes, grid, [cfg.eval.nms], cfg.eval.max_detections, "f1")[1]
 
 
 def milliseconds_per_image(cfg, module) -> float:
     """Inference time per test image, one at a time in this process (decode, preprocessing, model)."""
-    records = get_dataset_dicts(f"{cfg.data.name}_test")
+    records = get_dataset_dicts(split_name(cfg.data.name, "test"))
     point = trained_point(cfg)
     cfg = OmegaConf.merge(cfg, {"train": {"batch_size": 1, "num_workers": 0}})
     predict_split(cfg, module, records[:2], point, "warm-up")

@@ -115,3 +115,10 @@ def test_ddp_with_two_cpu_processes(tmp_path):
                       weights_only=True)["global_step"] == 4
     metrics = pd.read_csv(tmp_path / "run" / "logs" / "metrics.csv")
     assert metrics["val/ap50_segm"].notna().any()
+
+
+def test_best_checkpoint_mode_follows_the_metric_direction():
+    from leukodet.engine.train import best_metric_mode
+
+    assert best_metric_mode("val/ap50_segm") == "max" and best_metric_mode("val/f1") == "max"
+    assert best_metric_mode("val/count_mae") == "min" and best_metric_mode("val/loss") == "min"
