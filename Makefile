@@ -13,6 +13,8 @@ demo: install
 	$(PYTHON) tools/train.py train.run_dir=$(DEMO_RUN)
 	$(PYTHON) tools/infer.py ckpt=$(DEMO_RUN)/checkpoints/best.ckpt input=datasets/sample/wbc/images \
 		infer.out_dir=$(DEMO_RUN)/infer
+	@echo "run report:       $(DEMO_RUN)/report.html"
+	@echo "inference report: $(DEMO_RUN)/infer/report.html"
 
 test: install
 	lint-imports

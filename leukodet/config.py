@@ -8,6 +8,7 @@ checks by name and which compares equal to its plain string.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -73,17 +74,21 @@ class EvalConfig:
     sweep_metric: str = "f1"  # a METRICS name
     # tools/count_table.py: count accuracy per image at each of these (the RBC paper's table)
     count_min_confidence: list[float] = field(default_factory=lambda: [0.7, 0.8, 0.9])
+    # report.html beside the split's metrics, with a gallery of its worst images (false: neither)
+    report: bool = True
+    gallery_images: int = 500  # the gallery draws this many images, worst count error first; all are listed
 
 
 @dataclass
 class InferConfig:
-    out_dir: str = MISSING  # conf/infer/default.yaml: outputs/infer/<input folder name>
+    out_dir: str = MISSING  # conf/infer/default.yaml: outputs/infer/<input folder name>-<path hash>
     overwrite: bool = False  # true: redo every image (and allow another checkpoint or thresholds there)
     batch_size: Optional[int] = None  # null: 8 on a GPU, 1 on a CPU (batching was slower there)
     num_workers: Optional[int] = None  # loader processes reading ahead; null: up to 4 on a GPU, 1 on a CPU
     overlays: bool = True
     flag_share: float = 0.2  # folders.csv flags a share above this (a research aid, not a diagnosis)
     max_megapixels: float = 100.0  # larger files are reported in errors.csv instead of exhausting memory
+    report: bool = True  # report.html in out_dir (thumbnails of the overlays are made once)
 
 
 @dataclass
@@ -130,8 +135,12 @@ MODEL_CONFIGS = {
 
 
 def input_name(path: Any) -> str:
-    """``${input_name:${input}}``: the input folder's (or file's) name, for a stable output folder."""
-    return Path(str(path)).resolve().name if path else "no_input"
+    """``${input_name:${input}}``: the input folder's (or file's) name and a short hash of its
+    resolved path: a stable output folder per input, and two folders both named ``images`` get two."""
+    if not path:
+        return "no_input"
+    resolved = Path(str(path)).resolve()
+    return f"{resolved.name}-{hashlib.sha1(str(resolved).encode()).hexdigest()[:8]}"
 
 
 def register_configs() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from omegaconf import OmegaConf
 from pycocotools import mask as mask_utils
 
 from conftest import REPO, compose, write_image
+from leukodet.config import input_name
 from leukodet.data.via import LabelPolicy, read_via
 from leukodet.engine.evaluate import evaluate_checkpoint, operating_point, run_config
 from leukodet.engine.inference import run_inference
@@ -269,15 +271,18 @@ def test_tool_exit_status_and_output_folder(trained_run, smear_folder, tmp_path)
     done = subprocess.run(tool + [f"input={smear_folder / 'slideA'}"], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"results saved to {tmp_path / 'infer' / 'slideA'}" in done.stdout
-    assert (tmp_path / "infer" / "slideA" / "counts.csv").is_file()
+    # one output folder per input path: its name, then a hash of the path (two `images` folders differ)
+    slide_out = tmp_path / "infer" / input_name(smear_folder / "slideA")
+    assert re.fullmatch(r"slideA-[0-9a-f]{8}", slide_out.name) and input_name(tmp_path / "x" / "slideA") != slide_out.name
+    assert f"results saved to {slide_out}\n" in done.stdout
+    assert (slide_out / "counts.csv").is_file() and not (slide_out / ".hydra").exists()  # run.json holds the settings
 
     only_bad = tmp_path / "bad"
     only_bad.mkdir()
     (only_bad / "x.jpg").write_text("nope")
     done = subprocess.run(tool + [f"input={only_bad}"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "no image could be processed" in done.stderr
-    assert "x.jpg" in (tmp_path / "infer" / "bad" / "errors.csv").read_text()
+    assert "x.jpg" in (tmp_path / "infer" / input_name(only_bad) / "errors.csv").read_text()
     done = subprocess.run(tool + [f"input={tmp_path / 'missing'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "does not exist" in done.stderr and "Traceback" not in done.stderr
 

@@ -23,7 +23,7 @@ from conftest import compose, write_image
 from headless_chromium import Chromium, find_chromium
 from test_infer import trained_run  # noqa: F401  (the 6-step detector fixture, shared)
 
-from leukodet.report import write_gallery, write_inference_report, write_run_report
+from leukodet.report import write_gallery, write_inference_report
 from leukodet.report.html import THUMBS_DIR
 from leukodet.structures import ImagePredictions
 
@@ -76,27 +76,17 @@ def open_checked(browser, report: Path):
 
 @pytest.fixture(scope="module")
 def evaluated_run(trained_run):  # noqa: F811
-    """The run scored on its val split (the 16-image sample leaves test empty) at min confidence
-    0.1, its gallery drawn from the very records and predictions the evaluator scores (as the
-    scoring route will call write_gallery), and a threshold sweep; then the run's report."""
-    import leukodet.engine.evaluate as evaluate_module
+    """tools/evaluate.py's route on the run's val split (the 16-image sample leaves test empty): a
+    threshold sweep, then scoring at min confidence 0.1, which draws the gallery from the records
+    and predictions it scores and writes the run's report beside the metrics."""
+    from leukodet.engine.evaluate import evaluate_checkpoint
 
     run = trained_run / "run"
-    score = evaluate_module.evaluate
-
-    def score_and_draw(records, predictions, class_names, **settings):
-        result = score(records, predictions, class_names, **settings)
-        write_gallery(records, predictions, class_names, settings["min_confidence"], settings["iou_threshold"],
-                      run / "val_gallery")
-        return result
-
     checkpoint = f"ckpt={run / 'checkpoints' / 'last.ckpt'}"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(evaluate_module, "evaluate", score_and_draw)
-        evaluate_module.evaluate_checkpoint(compose(checkpoint, "split=val", f"eval.min_confidence={MIN_CONFIDENCE}",
-                                                    config_name="checkpoint"), run)
-    evaluate_module.evaluate_checkpoint(compose(checkpoint, "split=val", "sweep=true", config_name="checkpoint"), run)
-    return write_run_report(run, split="val")
+    evaluate_checkpoint(compose(checkpoint, "split=val", "sweep=true", config_name="checkpoint"), run)
+    evaluate_checkpoint(compose(checkpoint, "split=val", f"eval.min_confidence={MIN_CONFIDENCE}",
+                                config_name="checkpoint"), run)
+    return run / "report.html"
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +105,7 @@ def inferred_folder(trained_run, tmp_path_factory):  # noqa: F811
     run_inference(compose(f"ckpt={trained_run / 'run' / 'checkpoints' / 'last.ckpt'}", f"input={folder}",
                           f"infer.out_dir={out}", f"eval.min_confidence={MIN_CONFIDENCE}", "infer.num_workers=0",
                           config_name="inference"), out)
-    return write_inference_report(out)
+    return out / "report.html"  # written by the run
 
 
 def test_gallery_marks_add_up_to_the_metrics_and_come_worst_first(evaluated_run):

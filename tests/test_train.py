@@ -75,6 +75,8 @@ def test_hard_kill_then_resume_finishes_the_same_schedule(tmp_path):
     for _, row in resumed.iterrows():
         assert row["lr-SGD"] == pytest.approx(0.01 * lr_factor(int(row.step), 2, 10, "cosine"), rel=1e-4)
     assert (tmp_path / "run" / "test_metrics.csv").is_file() and (tmp_path / "run" / "loss_curves.png").is_file()
+    report = (tmp_path / "run" / "report.html").read_text()  # the run's page, with its gallery and curves
+    assert "test_gallery/gallery.csv" in report and "loss_curves.png" in report
     # issue 14, finding 3: the killed attempt's rows survive the resume (Lightning's CSVLogger deleted
     # them), and every logged step appears once across the attempts
     metrics = pd.read_csv(tmp_path / "run" / "logs" / "metrics.csv")

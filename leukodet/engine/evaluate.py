@@ -22,6 +22,7 @@ from leukodet.engine.predictor import predict_loader
 from leukodet.evaluation.counts import CountTable, count_table
 from leukodet.evaluation.metrics import EvaluationResult, evaluate
 from leukodet.evaluation.report import format_table, format_touching, save_report
+from leukodet.report import write_gallery, write_run_report
 from leukodet.evaluation.sweep import cache_key, load_raw, load_thresholds, plot_heatmap, save_raw, save_thresholds, sweep
 from leukodet.io import UnreadableFileError, UnsafeFileError, atomic_write_text, load_tensor_file
 from leukodet.preprocess.mapper import DatasetMapper
@@ -164,6 +165,9 @@ def score_split(cfg: DictConfig, module: DetectionModule, checkpoint: str | Path
     result = evaluate(records, predictions, meta["thing_classes"], min_confidence=point.min_confidence,
                       iou_threshold=cfg.eval.iou_threshold, share_class=cfg.eval.get("share_class"))
     save_report(result, out_dir, prefix=f"{split}_")
+    if cfg.eval.report:
+        write_gallery(records, predictions, meta["thing_classes"], point.min_confidence, cfg.eval.iou_threshold,
+                      out_dir / f"{split}_gallery", max_thumbnails=cfg.eval.gallery_images)
     logger.info("%s: %d images, %s; %s IoU >= %g\n%s\n%s", name, len(records), point.describe(), result.iou_type,
                 cfg.eval.iou_threshold, format_table(result), format_touching(result))
     return result
@@ -198,7 +202,11 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: str | Path):
     split = cfg.split or cfg.eval.split
     if cfg.sweep:
         return sweep_split(cfg, module, split, Path(out_dir))
-    return score_split(cfg, module, cfg.ckpt, split, operating_point(cfg), out_dir)
+    point = operating_point(cfg)
+    result = score_split(cfg, module, cfg.ckpt, split, point, out_dir)
+    if cfg.eval.report:
+        write_run_report(Path(cfg.ckpt).parent.parent, split, eval_dir=out_dir, point=point)
+    return result
 
 
 def count_table_checkpoint(cfg: DictConfig, out_dir: str | Path) -> CountTable:

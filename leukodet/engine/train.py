@@ -27,6 +27,7 @@ from leukodet.evaluation.metrics import evaluate
 from leukodet.io import UnreadableFileError, UnsafeFileError, atomic_open, atomic_write_text, load_tensor_file
 from leukodet.preprocess.mapper import DatasetMapper
 from leukodet.registry import METRICS
+from leukodet.report import write_run_report
 from leukodet.structures import OperatingPoint
 
 logger = logging.getLogger(__name__)
@@ -248,7 +249,10 @@ def train_and_evaluate(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     if metrics_csv.is_file():
         plot_loss_curves(metrics_csv, result.run_dir / "loss_curves.png")
     module = load_detector(result.best_checkpoint)
-    score_split(cfg, module, result.best_checkpoint, cfg.eval.split, trained_point(cfg), result.run_dir)
+    point = trained_point(cfg)
+    score_split(cfg, module, result.best_checkpoint, cfg.eval.split, point, result.run_dir)
+    if cfg.eval.report:
+        write_run_report(result.run_dir, cfg.eval.split, point=point)
     logger.info("best %s = %s (%s); total %.0f s", result.best_metric, result.best_score,
                 result.best_checkpoint.name, time.perf_counter() - start)
     return result

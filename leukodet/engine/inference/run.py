@@ -36,6 +36,7 @@ from leukodet.engine.predictor import predict_original
 from leukodet.evaluation.metrics import resolve_share_class
 from leukodet.io import file_sha256
 from leukodet.preprocess.mapper import DatasetMapper
+from leukodet.report import write_inference_report
 from leukodet.structures import ImagePredictions, OperatingPoint
 from leukodet.viz import draw_predictions, write_rgb
 
@@ -230,6 +231,8 @@ def run_inference(cfg: DictConfig, out_dir: str | os.PathLike) -> InferenceSumma
             for writer in writers:
                 writer.add(image_id, record)
     write_errors(out_dir / "errors.csv", summary.errors)
+    if infer_cfg.report:
+        write_inference_report(out_dir)
     rate = f" ({summary.processed / summary.seconds:.2f} images/s)" if summary.processed else ""
     logger.info("%d images in %.1f s%s, %d already done, %d could not be processed%s", summary.processed,
                 summary.seconds, rate, summary.skipped, len(summary.errors),
