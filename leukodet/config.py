@@ -143,6 +143,15 @@ def input_name(path: Any) -> str:
     return f"{resolved.name}-{hashlib.sha1(str(resolved).encode()).hexdigest()[:8]}"
 
 
+def folder_name(text: Any, limit: int = 120) -> str:
+    """``${folder_name:${hydra.job.override_dirname}}``: the text as one folder name that a later
+    command can pass back as an override value (``/`` would nest folders, ``=`` and ``,`` break
+    Hydra's override grammar: each character other than letters, digits, ``.``, ``+`` and ``-``
+    becomes ``_``); a long one is cut and ends with a hash of the whole."""
+    name = "".join(c if c.isalnum() or c in ".+-" else "_" for c in str(text))
+    return name if len(name) <= limit else f"{name[:limit - 9]}-{hashlib.sha1(str(text).encode()).hexdigest()[:8]}"
+
+
 def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(group="train", name="schema", node=TrainConfig)
@@ -151,6 +160,7 @@ def register_configs() -> None:
     for name, node in MODEL_CONFIGS.items():
         store.store(group="model", name=f"schema_{name}", node=node)
     OmegaConf.register_new_resolver("input_name", input_name, replace=True)
+    OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)
 
 
 register_configs()

@@ -3,7 +3,8 @@ class balancing -> optional rescale -> one COCO JSON per split, with a summary a
 
 The split is hand-written (about 30 lines) because it must be grouped (a slide or patient never
 spans two splits), stratified by class presence and split by ratios at once; scikit-learn's
-StratifiedGroupKFold does k equal folds only.
+StratifiedGroupKFold does k equal folds only, which is what a cross-validation fold
+(``prepare.fold``) takes for its test split (``fold_split``).
 """
 
 from __future__ import annotations
@@ -113,12 +114,21 @@ def assign_groups(records: Sequence[ImageRecord], group_regex: str | None) -> No
 # ---------------------------------------------------------------- split
 
 
+def stratum(records: Sequence[ImageRecord], per_source: bool = False) -> tuple:
+    """What a split is stratified by: the set of classes the records hold, and with ``per_source``
+    the set of annotation files (acquisitions) they come from."""
+    classes = tuple(sorted({r.label for rec in records for r in rec.regions}))
+    return (tuple(sorted({rec.source for rec in records})), classes) if per_source else classes
+
+
 def split_records(records: Sequence[ImageRecord], ratios: Mapping[str, float], seed: int = 0,
-                  pinned: Mapping[str, str] | None = None) -> dict[str, list[ImageRecord]]:
+                  pinned: Mapping[str, str] | None = None, per_source: bool = False) -> dict[str, list[ImageRecord]]:
     """Seeded split by ``ratios`` (e.g. 0.7/0.2/0.1), grouped by ``record.group`` and stratified by
-    the set of classes a group holds: within each stratum, each group goes to the split furthest
-    below its share. ``pinned`` maps a split to a regex over the path: matching images go there
-    first (e.g. hold out one scanner as the test set), the rest are split by ``ratios``."""
+    the set of classes a group holds (``per_source``: and by its annotation file, so that every
+    split, validation included, holds its share of each acquisition): within each stratum, each
+    group goes to the split furthest below its share. ``pinned`` maps a split to a regex over the
+    path: matching images go there first (e.g. hold out one scanner as the test set), the rest are
+    split by ``ratios``."""
     pinned_out: dict[str, list[ImageRecord]] = {name: [] for name in (pinned or {})}
     rest = []
     for record in records:
@@ -133,8 +143,7 @@ def split_records(records: Sequence[ImageRecord], ratios: Mapping[str, float], s
         groups.setdefault(record.group, []).append(record)
     strata: dict[tuple, list[str]] = {}
     for gid in sorted(groups):
-        classes = tuple(sorted({r.label for rec in groups[gid] for r in rec.regions}))
-        strata.setdefault(classes, []).append(gid)
+        strata.setdefault(stratum(groups[gid], per_source), []).append(gid)
     rng = random.Random(seed)
     out: dict[str, list[ImageRecord]] = {name: [] for name in shares}
     for key in sorted(strata):
@@ -153,6 +162,38 @@ def split_records(records: Sequence[ImageRecord], ratios: Mapping[str, float], s
         if not part and shares.get(name, 0) > 0:
             logger.warning("split %r is empty: too few groups (%d) for the ratios %s", name, len(groups), dict(ratios))
     return out
+
+
+def fold_split(records: Sequence[ImageRecord], k: int | None, index: int, by: str = "group", seed: int = 0,
+               per_source: bool = False) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """(fold ``index``'s held-out records, the others) of a cross-validation. ``by="group"``: k folds
+    by scikit-learn's StratifiedGroupKFold (seeded), grouped by ``record.group`` (no group in two
+    folds) and stratified by each image's ``stratum``; ``by="source"``: leave one source out, fold
+    ``index`` being the ``index``-th annotation file (k, when given, must be their number)."""
+    if by == "source":
+        sources = list(dict.fromkeys(rec.source for rec in records))
+        if k is not None and k != len(sources):
+            raise ValueError(f"prepare.fold.k={k} with by=source: the data has {len(sources)} sources "
+                             f"({', '.join(sources)}); leave k null")
+        if not 0 <= index < len(sources):
+            raise ValueError(f"prepare.fold.index={index}: by=source has folds 0..{len(sources) - 1}")
+        held_out = [rec.source == sources[index] for rec in records]
+    elif by == "group":
+        from sklearn.model_selection import StratifiedGroupKFold
+
+        groups = [rec.group for rec in records]
+        if not k or not 2 <= k <= len(set(groups)):
+            raise ValueError(f"prepare.fold.k={k}: needs 2 <= k <= the number of groups ({len(set(groups))})")
+        if not 0 <= index < k:
+            raise ValueError(f"prepare.fold.index={index}: k={k} folds are 0..{k - 1}")
+        labels = [repr(stratum([rec], per_source)) for rec in records]
+        folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(records, labels, groups)
+        test = set(list(folds)[index][1].tolist())
+        held_out = [i in test for i in range(len(records))]
+    else:
+        raise ValueError(f"prepare.fold.by={by!r}: use group or source")
+    pairs = list(zip(records, held_out))
+    return [rec for rec, out in pairs if out], [rec for rec, out in pairs if not out]
 
 
 # ---------------------------------------------------------------- geometry on disk
@@ -283,7 +324,7 @@ def prepare_dataset(sources: Sequence[Mapping[str, Any]], out_dir: str | Path, c
                     class_attribute: str = "class", class_map: Mapping[str, str | None] | None = None,
                     unmapped: str = "error", group_regex: str | None = None,
                     split: Mapping[str, float] | None = None, pinned: Mapping[str, str] | None = None,
-                    seed: int = 0,
+                    seed: int = 0, split_per_source: bool = False, fold: Mapping[str, Any] | None = None,
                     flips: Sequence[str] = ("x", "y", "xy"), balance: bool | str = False, target_ratio: float = 1.0,
                     scale: float = 1.0, size_classes: Mapping[str, Any] | None = None,
                     min_area_inside: float | None = None) -> Prepared:
@@ -293,7 +334,8 @@ def prepare_dataset(sources: Sequence[Mapping[str, Any]], out_dir: str | Path, c
     ``size_classes`` (a ``SizeRule`` mapping, see ``leukodet.data.sizes``) relabels every cell by its
     area after the class map, in source pixels; ``classes`` then defaults to the rule's classes.
     Shapes are clipped to their image; ``min_area_inside`` (px², reader default 1) is the least area
-    inside the image for a shape to be kept."""
+    inside the image for a shape to be kept. ``fold`` (``{k, index, by}``, see ``fold_split``) makes
+    the test split one cross-validation fold and splits the rest into the other splits' ratios."""
     if balance not in (True, False, "per_source"):
         raise ValueError(f"prepare.balance={balance!r}: use true, false or per_source")
     out_dir = Path(out_dir)
@@ -313,7 +355,15 @@ def prepare_dataset(sources: Sequence[Mapping[str, Any]], out_dir: str | Path, c
                          "or map them in 'class_map'")
     assign_groups(records, group_regex)
     ratios = dict(split or {"train": 0.7, "val": 0.2, "test": 0.1})
-    parts = split_records(records, ratios, seed, pinned)
+    if fold:
+        if pinned:
+            raise ValueError("prepare.fold and prepare.pinned together: a fold is the test split; drop one")
+        test, records_left = fold_split(records, fold.get("k"), fold["index"], fold.get("by", "group"), seed,
+                                        split_per_source)
+        parts = {**split_records(records_left, {s: r for s, r in ratios.items() if s != "test"}, seed,
+                                 per_source=split_per_source), "test": test}
+    else:
+        parts = split_records(records, ratios, seed, pinned, split_per_source)
     summary = [summarize(parts, classes, "split")]
 
     image_dir = out_dir / "images"

@@ -173,18 +173,27 @@ def score_split(cfg: DictConfig, module: DetectionModule, checkpoint: str | Path
     return result
 
 
-def sweep_split(cfg: DictConfig, module: DetectionModule, split: str, out_dir: Path):
+# Splits an operating point may be chosen on: choosing on the split a model is scored on makes its
+# score a best case (a 30-cell test split once chose this project's recipe; see README, Cross-validation).
+CHOOSING_SPLITS = ("train", "val")
+
+
+def sweep_split(cfg: DictConfig, module: DetectionModule, checkpoint: str | Path, split: str, out_dir: Path,
+                max_detections: int):
     """Every point of the ``eval.sweep_*`` grid from the cached raw predictions; writes
-    ``sweep_<split>.csv``, a heatmap and ``thresholds.json`` (the best point) beside the checkpoint."""
+    ``sweep_<split>.csv``, a heatmap and ``thresholds.json`` (the best point, and the split it was
+    chosen on) beside the checkpoint. Choosing on another split than train or val warns."""
     name = split_name(cfg.data.name, split)
-    records, raw = cached_raw_predictions(cfg, module, cfg.ckpt, split)
+    if split not in CHOOSING_SPLITS:
+        logger.warning("choosing the operating point on the %r split: figures scored on it afterwards are a best "
+                       "case, not a measurement; choose on val (the default) or by cross-validation", split)
+    records, raw = cached_raw_predictions(cfg, module, checkpoint, split)
     metric = cfg.eval.sweep_metric
-    max_detections = operating_point(cfg).max_detections
     table, best = sweep(records, raw, get_metadata(name)["thing_classes"], list(cfg.eval.sweep_min_confidence),
                         list(cfg.eval.sweep_nms), max_detections, metric, iou_threshold=cfg.eval.iou_threshold)
     atomic_write_text(out_dir / f"sweep_{split}.csv", table.to_csv(index=False))
     plot_heatmap(table, metric, out_dir / f"sweep_{split}_{metric}.png")
-    thresholds = save_thresholds(Path(cfg.ckpt).parent / "thresholds.json",
+    thresholds = save_thresholds(Path(checkpoint).parent / "thresholds.json",
                                  {**best, "max_detections": max_detections, "split": split})
     columns = ["min_confidence", "nms", "precision", "recall", "f1", "ap50_segm" if "ap50_segm" in table else "ap50_bbox"]
     logger.info("%s\nbest %s = %.4f at min confidence %s, NMS %s; saved %s",
@@ -195,13 +204,15 @@ def sweep_split(cfg: DictConfig, module: DetectionModule, split: str, out_dir: P
 
 def evaluate_checkpoint(cfg: DictConfig, out_dir: str | Path):
     """`tools/evaluate.py`: score ``ckpt`` on ``split`` (default ``eval.split``) at its operating
-    point (see ``operating_point``), or with ``sweep=true`` over the ``eval.sweep_*`` grid."""
+    point (see ``operating_point``), or with ``sweep=true`` choose the point over the
+    ``eval.sweep_*`` grid on ``split`` (default ``val``: choices are never made on a test split)."""
     cfg = run_config(cfg)
     ensure_prepared(cfg.data)
     module = load_detector(cfg.ckpt)
-    split = cfg.split or cfg.eval.split
     if cfg.sweep:
-        return sweep_split(cfg, module, split, Path(out_dir))
+        max_detections = operating_point(cfg).max_detections
+        return sweep_split(cfg, module, cfg.ckpt, cfg.split or "val", Path(out_dir), max_detections)
+    split = cfg.split or cfg.eval.split
     point = operating_point(cfg)
     result = score_split(cfg, module, cfg.ckpt, split, point, out_dir)
     if cfg.eval.report:

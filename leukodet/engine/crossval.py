@@ -1,0 +1,167 @@
+"""Cross-validation (`tools/crossval.py`): k folds grouped by ``data.prepare.group_regex`` and
+stratified by class, or leave one source (annotation file, i.e. acquisition) out. Each fold is a
+training run in ``<out>/fold<i>/`` on data prepared with ``data.prepare.fold`` (its test split is the
+held-out fold, train and val are split from the rest): it trains in the one loop (``fit``, which
+also picks its checkpoint on val), chooses its operating point by a sweep on its own val split, and
+scores the held-out fold once at that point. Nothing is chosen on a held-out fold."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import matplotlib
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from leukodet.data.catalog import get_metadata, split_name
+from leukodet.engine.evaluate import cached_raw_predictions, load_detector, score_split, sweep_split
+from leukodet.engine.train import RunConfigError, config_differences, fit
+from leukodet.evaluation.sweep import sweep
+from leukodet.io import atomic_write_text
+from leukodet.structures import OperatingPoint
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+logger = logging.getLogger(__name__)
+
+FOLD_RESULT = "fold_result.json"  # written last: a fold with it is finished
+
+
+def fold_count(cfg: DictConfig) -> int:
+    """``crossval.k`` folds, or one per annotation file with ``crossval.by=source``."""
+    return len(cfg.data.prepare.sources) if cfg.crossval.by == "source" else int(cfg.crossval.k)
+
+
+def fold_config(cfg: DictConfig, index: int, fold_dir: Path) -> DictConfig:
+    """The training config of fold ``index``: its own dataset name (catalog) and prepared splits in
+    ``fold_dir``, whose test split is the held-out fold. ``crossval.folds`` (which folds this process
+    runs) is dropped: it is not part of what a fold is."""
+    fold = copy.deepcopy(cfg)
+    with open_dict(fold):
+        k = None if cfg.crossval.by == "source" else int(cfg.crossval.k)
+        fold.data.name = f"{cfg.data.name}_cv{cfg.crossval.by}{fold_count(cfg)}_fold{index}"
+        fold.data.prepared_dir = str(fold_dir / "prepared")
+        fold.data.prepare.fold = {"k": k, "index": index, "by": str(cfg.crossval.by)}
+        fold.train.run_dir = str(fold_dir)
+        fold.eval.split = "test"
+        fold.crossval.pop("folds")
+    return fold
+
+
+def finished_fold(fold_cfg: DictConfig, fold_dir: Path) -> dict | None:
+    """A finished fold's row, when it was made with this config and budget; refuses one made with
+    other settings (as a training run refuses to resume with them)."""
+    done = fold_dir / FOLD_RESULT
+    if not done.is_file():
+        return None
+    changed = config_differences(OmegaConf.load(fold_dir / "config.yaml"), fold_cfg)
+    if changed:
+        raise RunConfigError(f"{fold_dir}: this fold was run with other settings ({', '.join(changed[:8])} differ); "
+                             f"give another output folder (hydra.run.dir=...) or delete {fold_dir}")
+    row = json.loads(done.read_text())
+    if row["max_steps"] != fold_cfg.train.max_steps:
+        logger.info("fold %d was trained for %d steps; train.max_steps=%d continues it", row["fold"],
+                    row["max_steps"], fold_cfg.train.max_steps)
+        return None
+    return row
+
+
+def run_fold(cfg: DictConfig, index: int, out_dir: Path) -> dict:
+    """Train, choose on val and score the held-out fold ``index`` (or return its finished row)."""
+    fold_dir = out_dir / f"fold{index}"
+    fold_cfg = fold_config(cfg, index, fold_dir)
+    row = finished_fold(fold_cfg, fold_dir)
+    if row is not None:
+        logger.info("fold %d: finished earlier (%s), not redone", index, fold_dir / FOLD_RESULT)
+        return row
+    start = time.perf_counter()
+    trained = fit(fold_cfg, fold_dir)  # resumes an interrupted fold from its last.ckpt
+    train_seconds = time.perf_counter() - start
+    module = load_detector(trained.best_checkpoint)
+    max_detections = int(fold_cfg.eval.max_detections)
+    _, chosen = sweep_split(fold_cfg, module, trained.best_checkpoint, "val", fold_dir, max_detections)
+    point = OperatingPoint(chosen["min_confidence"], chosen["nms"], max_detections, "chosen on this fold's val")
+    test = score_split(fold_cfg, module, trained.best_checkpoint, "test", point, fold_dir).summary()
+    # the best F1 over the same grid on the held-out fold: what an oracle choice would give, shown
+    # beside F1 at the chosen point to size the cost of choosing on val; never used to choose
+    records, raw = cached_raw_predictions(fold_cfg, module, trained.best_checkpoint, "test")
+    classes = get_metadata(split_name(fold_cfg.data.name, "test"))["thing_classes"]
+    _, oracle = sweep(records, raw, classes, list(fold_cfg.eval.sweep_min_confidence), list(fold_cfg.eval.sweep_nms),
+                      max_detections, "f1", iou_threshold=fold_cfg.eval.iou_threshold)
+    counts = {f"test_{c}": sum(a["category_id"] == i for r in records for a in r["annotations"])
+              for i, c in enumerate(classes)}
+    row = {"fold": index, "by": str(cfg.crossval.by), "seed": int(cfg.seed), "max_steps": int(fold_cfg.train.max_steps),
+           "train_images": get_metadata(split_name(fold_cfg.data.name, "train"))["num_images"],
+           "val_images": get_metadata(split_name(fold_cfg.data.name, "val"))["num_images"],
+           "test_images": len(records), **counts, "train_seconds": round(train_seconds, 1),
+           "best_checkpoint": trained.best_checkpoint.name, f"best_{trained.best_metric}": trained.best_score,
+           "min_confidence": point.min_confidence, "nms": point.nms, f"val_{chosen['metric']}": chosen["value"],
+           **{key: value for key, value in test.items() if not key.startswith("count_bias")},
+           "best_f1": oracle["value"], "best_f1_min_confidence": oracle["min_confidence"], "best_f1_nms": oracle["nms"]}
+    atomic_write_text(fold_dir / FOLD_RESULT, json.dumps(row, indent=2))
+    return row
+
+
+def headline_columns(table: pd.DataFrame) -> list[str]:
+    """The figures cross-validation reports: AP50, F1 at the chosen point, best F1, count MAE per class
+    and the share error."""
+    wanted = ["ap50_segm", "ap50_bbox", "f1", "precision", "recall", "best_f1", "detection_f1", "share_mae"]
+    wanted += sorted(c for c in table.columns if c.startswith("count_mae_"))
+    return [c for c in wanted if c in table and table[c].notna().any()]
+
+
+def summarize(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean, standard deviation (n - 1) and fold count of each headline figure."""
+    columns = headline_columns(table)
+    return pd.DataFrame({"metric": columns, "mean": [table[c].mean() for c in columns],
+                         "sd": [table[c].std(ddof=1) for c in columns], "folds": [int(table[c].notna().sum())
+                                                                                 for c in columns]})
+
+
+def plot_folds(table: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Path:
+    """Each headline figure per fold (dots) with its mean +- sd (bar)."""
+    fig, ax = plt.subplots(figsize=(1.1 * len(summary) + 2, 4))
+    for x, (metric, mean, sd) in enumerate(zip(summary.metric, summary["mean"], summary.sd)):
+        ax.errorbar(x, mean, yerr=0 if math.isnan(sd) else sd, fmt="_", color="black", markersize=20, capsize=6)
+        for _, fold in table.iterrows():
+            ax.scatter(x + 0.12, fold[metric], s=18, color=f"C{int(fold['fold']) % 10}",
+                       label=f"fold {int(fold['fold'])}" if x == 0 else None)
+    ax.set_xticks(range(len(summary)), summary.metric, rotation=30, ha="right")
+    ax.set(ylim=(0, 1.02), title=f"{len(table)} folds: each fold (dots), mean +- sd (bars)")
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def cross_validate(cfg: DictConfig, out_dir: str | Path) -> pd.DataFrame:
+    """Run ``crossval.folds`` (null: every fold) in ``out_dir``, then write ``folds.csv`` (a row per
+    finished fold, those of other processes included), ``crossval_summary.csv`` (mean, sd, folds) and
+    ``folds.png``, and log both tables. Returns the summary."""
+    out_dir = Path(out_dir)
+    k = fold_count(cfg)
+    wanted = list(range(k)) if cfg.crossval.folds is None else [int(i) for i in cfg.crossval.folds]
+    unknown = [i for i in wanted if not 0 <= i < k]
+    if unknown:
+        raise ValueError(f"crossval.folds={unknown}: this cross-validation has folds 0..{k - 1}")
+    for index in wanted:
+        logger.info("fold %d of %d (%s)", index, k, out_dir / f"fold{index}")
+        run_fold(cfg, index, out_dir)
+    rows = [json.loads(p.read_text()) for i in range(k) if (p := out_dir / f"fold{i}" / FOLD_RESULT).is_file()]
+    table = pd.DataFrame(rows)
+    summary = summarize(table)
+    atomic_write_text(out_dir / "folds.csv", table.to_csv(index=False))
+    atomic_write_text(out_dir / "crossval_summary.csv", summary.to_csv(index=False))
+    plot_folds(table, summary, out_dir / "folds.png")
+    shown = ["fold", "test_images", "min_confidence", "nms", *headline_columns(table)]
+    means = "\n".join(f"{r.metric}: {r['mean']:.3f} +- {r.sd:.3f} ({r.folds} folds)" for _, r in summary.iterrows())
+    logger.info("%d of %d folds finished (%s, seed %s, %s steps)\n%s\n%s", len(table), k, cfg.crossval.by, cfg.seed,
+                cfg.train.max_steps, table[shown].to_string(index=False, float_format=lambda v: f"{v:.3f}"), means)
+    return summary

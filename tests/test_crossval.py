@@ -1,0 +1,122 @@
+"""Cross-validation (issue 16): fold splits (grouped, stratified, leave one source out, no leakage),
+the tool's per-fold run with resume, and the rule that operating points are chosen on val."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import REPO, compose
+
+from leukodet.data.prepare import fold_split, split_records
+from leukodet.data.records import ImageRecord, Region
+
+K = 3
+PATIENT = re.compile(r"patient(\d+)")
+
+
+def record(name: str, group: str, labels: list[str], source: str = "a.json") -> ImageRecord:
+    square = np.array([[0, 0], [4, 0], [4, 4], [0, 4]], float)
+    rec = ImageRecord(name, [Region(label, "polygon", square) for label in labels], 8, 8, source)
+    rec.group = group
+    return rec
+
+
+def test_group_folds_partition_the_groups_and_keep_the_class_mix():
+    # 10 patients with only class A, 5 with only B, 3 images each: 5 folds of 2 A- and 1 B-patient
+    records = [record(f"p{p}_{i}", f"p{p}", ["A"] if p < 10 else ["B"]) for p in range(15) for i in range(3)]
+    held_out = [fold_split(records, 5, index, "group", seed=0) for index in range(5)]
+    for test, rest in held_out:
+        assert len(test) + len(rest) == len(records)
+        assert not {r.group for r in test} & {r.group for r in rest}  # no patient on both sides
+        assert Counter(r.regions[0].label for r in test) == {"A": 6, "B": 3}
+    names = [r.file_name for test, _ in held_out for r in test]
+    assert sorted(names) == sorted(r.file_name for r in records)  # every image held out exactly once
+    assert [r.file_name for r in fold_split(records, 5, 2, seed=0)[0]] == [r.file_name for r in held_out[2][0]]
+    assert [r.file_name for r in fold_split(records, 5, 2, seed=1)[0]] != [r.file_name for r in held_out[2][0]]
+    with pytest.raises(ValueError, match="number of groups"):
+        fold_split(records, 16, 0)
+
+
+def test_leave_one_source_out_and_validation_per_source():
+    records = [record(f"{s}_{i}", f"{s}_{i}", ["A" if i % 2 else "B"], f"{s}.json") for s in "xy" for i in range(20)]
+    test, rest = fold_split(records, None, 1, "source")
+    assert {r.source for r in test} == {"y.json"} and {r.source for r in rest} == {"x.json"}
+    with pytest.raises(ValueError, match="2 sources"):
+        fold_split(records, 3, 0, "source")
+    # y's images all sort after x's: drawn by class alone, val could miss an acquisition; per source it cannot
+    parts = split_records(records, {"train": 0.8, "val": 0.2}, seed=0, per_source=True)
+    assert Counter(r.source for r in parts["val"]) == {"x.json": 4, "y.json": 4}
+
+
+@pytest.fixture(scope="module")
+def crossval_run(tmp_path_factory):
+    """tools/crossval.py on 24 generated 256x192 smears (6 patients), 3 folds of 2 training steps:
+    fold 0 alone first, then every fold (as two processes sharing a folder would)."""
+    tmp = tmp_path_factory.mktemp("crossval")
+    args = [sys.executable, str(REPO / "tools" / "crossval.py"), f"data.root={tmp / 'data'}",
+            "data.generate.n_images=24", "+data.generate.width=256", "+data.generate.height=192", f"crossval.k={K}",
+            "train.max_steps=2", "train.steps_per_epoch=2", "train.warmup_steps=1", "train.num_workers=0",
+            "model.min_size=192", "model.max_size=256", "eval.sweep_min_confidence=[0.05,0.3]", "eval.sweep_nms=[0.5]",
+            f"paths.output_dir={tmp / 'out'}"]
+    runs = []
+    for folds in (["crossval.folds=[0]"], []):
+        done = subprocess.run(args + folds, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(done.stdout + done.stderr)
+    (out,) = (tmp / "out" / "crossval").iterdir()  # both commands chose the same folder
+    chosen_on = [json.loads((out / f"fold{i}" / "checkpoints" / "thresholds.json").read_text())["split"]
+                 for i in range(K)]
+    return out, runs, chosen_on
+
+
+def prepared_patients(fold_dir: Path, split: str) -> list[str]:
+    images = json.loads((fold_dir / "prepared" / f"{split}.json").read_text())["images"]
+    return [PATIENT.search(Path(image["file_name"]).name).group(1) for image in images]
+
+
+def test_crossval_folds_do_not_leak_and_resume(crossval_run):
+    out, (first, second), chosen_on = crossval_run
+    assert chosen_on == ["val"] * K
+    tests = []
+    for index in range(K):
+        fold = out / f"fold{index}"
+        test = prepared_patients(fold, "test")
+        seen = set(prepared_patients(fold, "train")) | set(prepared_patients(fold, "val"))
+        assert test and not set(test) & seen  # no patient both trained (or validated) on and held out
+        tests.append(test)
+    assert sorted(p for test in tests for p in test) == sorted(f"{p:02d}" for p in range(6) for _ in range(4))
+    assert "fold 0 of 3" in first and "fold 1 of 3" not in first
+    assert "fold 0: finished earlier" in second and "fold 1: finished earlier" not in second
+
+    table = pd.read_csv(out / "folds.csv")
+    assert table.fold.tolist() == [0, 1, 2] and (table.test_images == 8).all() and (table.max_steps == 2).all()
+    for column in ("ap50_segm", "f1", "best_f1", "share_mae", "count_mae_lymphoblast", "count_mae_non_lymphoblast"):
+        assert table[column].notna().all(), column
+    summary = pd.read_csv(out / "crossval_summary.csv").set_index("metric")
+    assert summary.loc["f1", "mean"] == pytest.approx(table.f1.mean())
+    assert summary.loc["f1", "sd"] == pytest.approx(table.f1.std(ddof=1)) and summary.loc["f1", "folds"] == 3
+    assert (out / "folds.png").stat().st_size > 0
+
+
+def test_sweep_chooses_on_val_by_default_and_warns_on_test(crossval_run, tmp_path, caplog):
+    from leukodet.engine.evaluate import evaluate_checkpoint
+
+    out, _, _ = crossval_run
+    checkpoint = out / "fold1" / "checkpoints" / "best.ckpt"  # its val and test predictions are cached
+    grid = ["sweep=true", "eval.sweep_min_confidence=[0.05]", "eval.sweep_nms=[0.5]"]
+    with caplog.at_level(logging.WARNING, logger="leukodet.engine.evaluate"):
+        evaluate_checkpoint(compose(f"ckpt={checkpoint}", *grid, config_name="checkpoint"), tmp_path)
+        assert json.loads((checkpoint.parent / "thresholds.json").read_text())["split"] == "val"
+        assert (tmp_path / "sweep_val.csv").is_file() and "choosing the operating point" not in caplog.text
+        evaluate_checkpoint(compose(f"ckpt={checkpoint}", "split=test", *grid, config_name="checkpoint"), tmp_path)
+    assert json.loads((checkpoint.parent / "thresholds.json").read_text())["split"] == "test"
+    assert "choosing the operating point on the 'test' split" in caplog.text
