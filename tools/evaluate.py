@@ -1,7 +1,7 @@
 """Evaluate a checkpoint (its run's data and preprocessing) on a split, or sweep thresholds:
 
     python tools/evaluate.py ckpt=outputs/runs/.../checkpoints/best.ckpt split=val
-    python tools/evaluate.py ckpt=... sweep=true            # the eval.sweep_* grid, writes thresholds.json
+    python tools/evaluate.py ckpt=... sweep=true            # the eval.sweep_* grid on val, writes thresholds.json
     python tools/evaluate.py -m ckpt=... eval.min_confidence=0.5,0.7,0.9 eval.nms=0.2,0.5
 """
 
