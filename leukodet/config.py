@@ -23,6 +23,11 @@ class Optimizer(str, Enum):
     adamw = "adamw"
 
 
+class Sampler(str, Enum):
+    shuffle = "shuffle"
+    class_balanced = "class_balanced"
+
+
 class Schedule(str, Enum):
     cosine = "cosine"
     step = "step"
@@ -49,6 +54,9 @@ class TrainConfig:
     validation_steps: Optional[int] = None  # batches per validation; null = the whole split
     checkpoint_every_steps: int = 25  # last.ckpt cadence: what a killed run resumes from
     best_metric: str = "auto"  # a METRICS name or val/loss; auto = ap50_segm (ap50_bbox for box-only data)
+    # shuffle: each training image once per epoch; class_balanced: drawn with replacement so that each
+    # class is seen about equally often (with, or instead of, data.prepare.balance's mirrored copies)
+    sampler: Sampler = Sampler.shuffle
     num_workers: int = 1
     accelerator: str = "auto"  # GPU when present, else CPU
     devices: Any = "auto"

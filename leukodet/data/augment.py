@@ -89,6 +89,12 @@ def color_jitter(brightness: float = 0.15, contrast: float = 0.15, saturation: f
     return _maybe(v2.ColorJitter(brightness, contrast, saturation, hue), p)
 
 
+@AUGMENTATIONS.register(name="blur")
+def blur(kernel_size: int = 5, sigma: Sequence[float] = (0.1, 1.5), p: float = 0.3) -> v2.Transform:
+    """Gaussian blur with a random sigma in ``sigma``: focus differences between scanners."""
+    return _maybe(v2.GaussianBlur(kernel_size, tuple(sigma)), p)
+
+
 def build_augmentation(config: Sequence[Mapping[str, Any]] | Mapping[str, Any] | None) -> v2.Compose | None:
     """A v2 pipeline from a list of ``{name: ..., params}`` or a ``conf/augment`` node holding it
     under ``transforms``; None when the list is empty."""

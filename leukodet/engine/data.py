@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +60,30 @@ def worker_init(parent_pid: int, worker_id: int) -> None:
         pl_worker_init_function(worker_id)
 
 
+def class_balanced_weights(dataset_dicts: Sequence[dict]) -> torch.Tensor:
+    """A sampling weight per image: 1 / (images holding its rarest class), so each class is drawn
+    about equally often, whatever the images' class mix (images without an instance weigh as the
+    commonest class's)."""
+    holding = [{a["category_id"] for a in record["annotations"]} for record in dataset_dicts]
+    images_per_class: dict[int, int] = {}
+    for classes in holding:
+        for c in classes:
+            images_per_class[c] = images_per_class.get(c, 0) + 1
+    most = max(images_per_class.values(), default=1)
+    return torch.tensor([1.0 / min((images_per_class[c] for c in classes), default=most) for classes in holding],
+                        dtype=torch.double)
+
+
 def make_loader(dataset_dicts: Sequence[dict], mapper: Callable[[dict], dict], batch_size: int,
-                shuffle: bool, num_workers: int, seed: int = 0) -> DataLoader:
+                shuffle: bool, num_workers: int, seed: int = 0, class_balanced: bool = False) -> DataLoader:
+    """A loader over ``dataset_dicts`` mapped by ``mapper``; ``class_balanced`` draws images with
+    replacement by ``class_balanced_weights`` instead of shuffling them (an epoch is as long)."""
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(MappedDataset(dataset_dicts, mapper), batch_size=batch_size, shuffle=shuffle,
+    sampler = None
+    if class_balanced:
+        weights = class_balanced_weights(dataset_dicts)
+        sampler, shuffle = WeightedRandomSampler(weights, len(weights), replacement=True, generator=generator), False
+    return DataLoader(MappedDataset(dataset_dicts, mapper), batch_size=batch_size, shuffle=shuffle, sampler=sampler,
                       num_workers=num_workers, collate_fn=keep_as_list, generator=generator,
                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
                       drop_last=False, worker_init_fn=partial(worker_init, os.getpid()) if num_workers else None)

@@ -199,7 +199,7 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     eval_mapper = DatasetMapper(cfg.preprocess, None, is_train=False)
     tcfg = cfg.train
     train_loader = make_loader(get_dataset_dicts(split_name(name, "train")), train_mapper, tcfg.batch_size, True,
-                               tcfg.num_workers, cfg.seed)
+                               tcfg.num_workers, cfg.seed, class_balanced=tcfg.sampler == "class_balanced")
     val_loader = make_loader(get_dataset_dicts(split_name(name, "val")), eval_mapper, tcfg.batch_size, False,
                              tcfg.num_workers, cfg.seed)
 
