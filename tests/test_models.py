@@ -88,14 +88,14 @@ def test_box_only_has_no_mask_branch():
     assert adapter.predict(tiny_batch(masks=False))[0].masks is None
 
 
-def briefly_trained(name: str, seed: int = 1):
+def briefly_trained(name: str, seed: int = 1, masks: bool = True):
     """A randomly initialised detector after 3 SGD steps on the tiny batch, so scores spread out."""
     torch.manual_seed(seed)
-    adapter = MODELS.build({"name": name}, num_classes=2, min_size=160, max_size=192, weights="none")
+    adapter = MODELS.build({"name": name}, num_classes=2, min_size=160, max_size=192, weights="none", masks=masks)
     params = [p for p in adapter.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.01)
     for _ in range(3):
-        loss = sum(adapter.losses(tiny_batch()).values())
+        loss = sum(adapter.losses(tiny_batch(masks=masks)).values())
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 10.0)  # as training does; ResNet-50 from scratch diverges without

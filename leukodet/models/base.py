@@ -41,6 +41,11 @@ class DetectorAdapter(torch.nn.Module):
     def predict(self, batch: list[dict], prefilter: OperatingPoint = RAW) -> list[Detections]:
         raise NotImplementedError
 
+    def for_inference(self) -> DetectorAdapter:
+        """The adapter to predict with once training is over: the same detections, perhaps from
+        a faster copy (e.g. BatchNorm folded into convolutions). Default: itself."""
+        return self
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device

@@ -17,11 +17,18 @@ from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.transform import resize_boxes
 
 from leukodet.config import EffNetLite0Config, TorchvisionRCNNConfig
 from leukodet.io import UnreadableFileError, UnsafeFileError, load_tensor_file
 from leukodet.models.backbones import EffNetLite0FPN
 from leukodet.models.base import DetectorAdapter
+from leukodet.models.staged import (
+    detect,
+    inference_copy,
+    mask_probabilities,
+    paste_masks,
+)
 from leukodet.registry import MODELS
 from leukodet.structures import RAW, Detections, OperatingPoint
 
@@ -32,11 +39,13 @@ class TorchvisionDetector(DetectorAdapter):
     """Wraps a torchvision GeneralizedRCNN. Class ids are 0-based outside, 1-based inside
     (torchvision reserves 0 for background)."""
 
-    def __init__(self, model: nn.Module, num_classes: int, has_masks: bool):
+    def __init__(self, model: nn.Module, num_classes: int, has_masks: bool,
+                 memory_format: torch.memory_format = torch.contiguous_format):
         super().__init__()
         self.model = model
         self.num_classes = num_classes
         self.has_masks = has_masks
+        self.memory_format = memory_format
 
     def _images(self, batch: list[dict]) -> list[torch.Tensor]:
         device = self.device
@@ -55,13 +64,34 @@ class TorchvisionDetector(DetectorAdapter):
 
     @torch.no_grad()
     def predict(self, batch: list[dict], prefilter: OperatingPoint = RAW) -> list[Detections]:
-        self.model.eval()
-        heads = self.model.roi_heads  # read by RoIHeads.postprocess_detections on every call
+        """torchvision's inference in two stages (``leukodet.models.staged``, which the ONNX export
+        shares): detections cut at ``prefilter``, then masks for the kept boxes only, pasted at the
+        input size all at once."""
+        model = self.model.eval()
+        heads = model.roi_heads  # read by RoIHeads.postprocess_detections on every call
         heads.score_thresh, heads.nms_thresh, heads.detections_per_img = (
             prefilter.min_confidence, prefilter.nms, prefilter.max_detections)
-        outputs = self.model(self._images(batch))
-        return [Detections(out["boxes"].float().cpu(), out["scores"].float().cpu(), out["labels"].cpu() - 1,
-                           (out["masks"][:, 0] > 0.5).cpu() if "masks" in out else None) for out in outputs]
+        image_list, features, boxes, scores, labels = detect(model, self._images(batch), self.memory_format)
+        found = sum(len(b) for b in boxes)
+        probabilities = (mask_probabilities(model, features, boxes, labels, image_list.image_sizes).split(
+            [len(b) for b in boxes]) if self.has_masks and found else [None] * len(batch))
+        detections = []
+        for sample, box, score, label, probability, resized in zip(batch, boxes, scores, labels, probabilities,
+                                                                    image_list.image_sizes):
+            height, width = sample["image"].shape[-2:]
+            box = resize_boxes(box, list(resized), [height, width]).float().cpu()
+            masks = None
+            if self.has_masks:
+                masks = (paste_masks(probability, box, height, width) if probability is not None
+                         else torch.zeros((0, height, width), dtype=torch.bool))
+            detections.append(Detections(box, score.float().cpu(), label.cpu() - 1, masks))
+        return detections
+
+    def for_inference(self) -> TorchvisionDetector:
+        """A copy for prediction only: frozen BatchNorm folded into the backbone's convolutions,
+        channels-last weights and inputs (measured in bench/bench_infer_speed.py)."""
+        return TorchvisionDetector(inference_copy(self.model), self.num_classes, self.has_masks,
+                                   memory_format=torch.channels_last)
 
 
 def detector_kwargs(settings: TorchvisionRCNNConfig) -> dict:
