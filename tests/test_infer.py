@@ -381,3 +381,44 @@ def test_a_refused_tool_run_writes_nothing_and_the_log_holds_the_run(trained_run
     done = subprocess.run(tool + ["eval.min_confidence=0.3"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stderr.startswith(f"error: {out}: holds results made with other settings")
     assert "Traceback" not in done.stderr and snapshot(out) == before
+
+
+def test_export_then_onnxruntime_inference_gives_the_torch_results(trained_run, smear_folder, tmp_path):
+    """tools/export.py checks the graphs on the images before writing them; infer.backend=onnxruntime
+    then gives the torch backend's counts and detections, and refuses graphs of another checkpoint."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install onnxruntime)")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_bytes((trained_run / "run" / "config.yaml").read_bytes())
+    ckpt = run / "checkpoints" / "last.ckpt"
+    ckpt.write_bytes((trained_run / "run" / "checkpoints" / "last.ckpt").read_bytes())
+    export = [sys.executable, str(REPO / "tools" / "export.py"), f"ckpt={ckpt}", f"input={smear_folder / 'slideA'}",
+              "eval.min_confidence=0.05", f"paths.output_dir={tmp_path / 'logs'}"]
+    done = subprocess.run(export, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = json.loads((run / "checkpoints" / "last.onnx.json").read_text())
+    assert (run / "checkpoints" / "last.onnx").is_file() and (run / "checkpoints" / "last.masks.onnx").is_file()
+    checked = info["agreement"]["0.05"]
+    assert checked["images"] == 2 and checked["same_count_and_classes"] == 2 and checked["detections"] > 0
+    assert stat.S_IMODE((run / "checkpoints" / "last.onnx").stat().st_mode) == 0o644
+
+    def infer(backend: str) -> Path:
+        out = tmp_path / backend
+        cfg = compose(f"ckpt={ckpt}", f"input={smear_folder / 'slideA'}", f"infer.out_dir={out}",
+                      "infer.num_workers=0", "eval.min_confidence=0.05", "infer.overlays=false", "infer.report=false",
+                      f"infer.backend={backend}", config_name="inference")
+        run_inference(cfg, out)
+        return out
+
+    torch_out, onnx_out = infer("torch"), infer("onnxruntime")
+    columns = ["image", "count_lymphoblast", "count_non_lymphoblast", "total"]
+    assert pd.read_csv(torch_out / "counts.csv")[columns].equals(pd.read_csv(onnx_out / "counts.csv")[columns])
+    by_torch, by_onnx = pd.read_csv(torch_out / "detections.csv"), pd.read_csv(onnx_out / "detections.csv")
+    assert len(by_torch) > 10 and list(by_torch["class"]) == list(by_onnx["class"])
+    assert np.allclose(by_torch.score, by_onnx.score, atol=1e-3)
+    assert np.abs(by_torch.area - by_onnx.area).max() <= 0.02 * by_torch.area.max()
+    assert json.loads((onnx_out / "run.json").read_text())["backend"] == "onnxruntime"
+
+    ckpt.write_bytes(ckpt.read_bytes() + b"\0")  # another model at the same path
+    with pytest.raises(ValueError, match="exported from another last.ckpt.*tools/export.py"):
+        infer("onnxruntime")

@@ -41,9 +41,12 @@ class DetectorAdapter(torch.nn.Module):
     def predict(self, batch: list[dict], prefilter: OperatingPoint = RAW) -> list[Detections]:
         raise NotImplementedError
 
-    def for_inference(self) -> DetectorAdapter:
+    def for_inference(self, rpn_proposals: tuple[int, int] | None = None) -> DetectorAdapter:
         """The adapter to predict with once training is over: the same detections, perhaps from
-        a faster copy (e.g. BatchNorm folded into convolutions). Default: itself."""
+        a faster copy (e.g. BatchNorm folded into convolutions). Default: itself.
+        ``rpn_proposals``: (before NMS, after NMS) test-time proposals instead of the trained model's."""
+        if rpn_proposals is not None:
+            raise ValueError(f"{type(self).__name__} takes no test-time RPN proposal counts; leave them unset")
         return self
 
     @property

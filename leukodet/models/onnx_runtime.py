@@ -9,6 +9,7 @@ differ only in which library runs the graphs.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from leukodet.io import file_sha256
 from leukodet.models.staged import DetectStage, MaskStage, mask_feature_names, paste_masks, resized_size
 from leukodet.structures import RAW, Detections, ImagePredictions, OperatingPoint, refilter
 
@@ -24,6 +26,16 @@ OPSET = 17
 # The first graph's cut: every detection a sweep could want (score floor, no NMS, cap); the
 # operating point is applied after it, by refilter.
 EXPORT_POINT = RAW
+
+
+def onnx_path(checkpoint: str | os.PathLike) -> Path:
+    """Where a checkpoint's export lives (``tools/export.py``): best.ckpt -> best.onnx beside it."""
+    return Path(checkpoint).with_suffix(".onnx")
+
+
+def info_path(checkpoint: str | os.PathLike) -> Path:
+    """The export's record: the checkpoint's SHA-256, classes, input size rule, agreement measured."""
+    return Path(checkpoint).with_suffix(".onnx.json")
 
 
 def masks_path(detector_path: str | os.PathLike) -> Path:
@@ -127,3 +139,24 @@ class OnnxDetector:
                 masks = torch.zeros((0, height, width), dtype=torch.bool)
         return Detections(torch.from_numpy(kept.boxes * scale), torch.from_numpy(kept.scores),
                           torch.from_numpy(kept.labels), masks)
+
+
+def load_export_info(checkpoint: str | os.PathLike) -> dict:
+    """The export's record (``info_path``); a missing export says how to make one."""
+    checkpoint = Path(checkpoint)
+    path, info_file = onnx_path(checkpoint), info_path(checkpoint)
+    if not path.is_file() or not info_file.is_file():
+        raise FileNotFoundError(f"{path}: no ONNX export of {checkpoint.name}; make one with "
+                                f"python tools/export.py ckpt={checkpoint}")
+    return json.loads(info_file.read_text())
+
+
+def load_exported(checkpoint: str | os.PathLike, threads: int | None = None, device: str = "auto") -> OnnxDetector:
+    """The ONNX Runtime detector ``tools/export.py`` made from ``checkpoint``; refuses graphs that are
+    missing or were exported from another checkpoint (another content at that path included)."""
+    checkpoint = Path(checkpoint)
+    path, info = onnx_path(checkpoint), load_export_info(checkpoint)
+    if info.get("checkpoint_sha256") != file_sha256(checkpoint):
+        raise ValueError(f"{path} was exported from another {checkpoint.name} than the one there now; "
+                         f"export again: python tools/export.py ckpt={checkpoint}")
+    return OnnxDetector(path, len(info["classes"]), info["min_size"], info["max_size"], threads=threads, device=device)

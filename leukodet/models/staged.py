@@ -164,11 +164,19 @@ def fuse_frozen_batchnorm(module: nn.Module) -> int:
     return folded
 
 
-def inference_copy(model: nn.Module, fuse: bool = True, channels_last: bool = True) -> nn.Module:
+def inference_copy(model: nn.Module, fuse: bool = True, channels_last: bool = True,
+                   rpn_proposals: tuple[int, int] | None = None) -> nn.Module:
     """A copy of a torchvision detector for inference: frozen BatchNorm folded into the backbone's
-    convolutions, weights channels-last, eval mode, no gradients."""
+    convolutions, weights channels-last, eval mode, no gradients; ``rpn_proposals`` (before NMS,
+    after NMS) replace the trained test-time counts when given (a sparse field needs few: the RoI
+    box head's time is proportional to them)."""
     model = copy.deepcopy(model).eval()
     model.requires_grad_(False)
+    if rpn_proposals is not None:
+        before, after = (int(n) for n in rpn_proposals)
+        if not 0 < after <= before:
+            raise ValueError(f"rpn_proposals [{before}, {after}]: give [before NMS, after NMS], 0 < after <= before")
+        model.rpn._pre_nms_top_n["testing"], model.rpn._post_nms_top_n["testing"] = before, after
     if fuse:
         fuse_frozen_batchnorm(model.backbone)
     if channels_last:

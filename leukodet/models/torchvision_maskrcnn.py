@@ -87,11 +87,12 @@ class TorchvisionDetector(DetectorAdapter):
             detections.append(Detections(box, score.float().cpu(), label.cpu() - 1, masks))
         return detections
 
-    def for_inference(self) -> TorchvisionDetector:
+    def for_inference(self, rpn_proposals: tuple[int, int] | None = None) -> TorchvisionDetector:
         """A copy for prediction only: frozen BatchNorm folded into the backbone's convolutions,
-        channels-last weights and inputs (measured in bench/bench_infer_speed.py)."""
-        return TorchvisionDetector(inference_copy(self.model), self.num_classes, self.has_masks,
-                                   memory_format=torch.channels_last)
+        channels-last weights and inputs (measured in bench/bench_infer_speed.py), and
+        ``rpn_proposals`` (before, after NMS) when given."""
+        return TorchvisionDetector(inference_copy(self.model, rpn_proposals=rpn_proposals), self.num_classes,
+                                   self.has_masks, memory_format=torch.channels_last)
 
 
 def detector_kwargs(settings: TorchvisionRCNNConfig) -> dict:

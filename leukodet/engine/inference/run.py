@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
+from leukodet.config import Backend
 from leukodet.data.catalog import class_colors
 from leukodet.data.imageio import ImageReadError, image_size, read_image
 from leukodet.data.via_export import mask_polygon
@@ -35,6 +36,7 @@ from leukodet.engine.inference.writers import (CocoResults, CountsCsv, Detection
 from leukodet.engine.predictor import predict_original
 from leukodet.evaluation.metrics import resolve_share_class
 from leukodet.io import file_sha256
+from leukodet.models.onnx_runtime import load_export_info, load_exported
 from leukodet.preprocess.mapper import DatasetMapper
 from leukodet.report import write_inference_report
 from leukodet.structures import ImagePredictions, OperatingPoint
@@ -121,6 +123,28 @@ class InferenceSummary:
         return self.processed + self.skipped
 
 
+def inference_detector(module, run_cfg: DictConfig):
+    """What folder inference predicts with (``infer.backend``): the checkpoint's inference copy
+    (BatchNorm folded, channels-last; ``DetectorAdapter.for_inference``) or its ONNX export."""
+    threads, proposals = run_cfg.infer.threads, run_cfg.infer.get("rpn_proposals")
+    if threads:
+        torch.set_num_threads(threads)
+    if Backend(run_cfg.infer.backend) is Backend.onnxruntime:
+        if proposals is not None:
+            raise ValueError("infer.rpn_proposals is for the torch backend; an ONNX export has its own "
+                             "(tools/export.py ... export.rpn_proposals=[200,50])")
+        return load_exported(run_cfg.ckpt, threads)
+    return module.adapter.for_inference(None if proposals is None else tuple(proposals))
+
+
+def detector_proposals(run_cfg: DictConfig) -> list[int] | None:
+    """The test-time RPN proposal counts inference sets (null: the model's own)."""
+    proposals = run_cfg.infer.get("rpn_proposals")
+    if Backend(run_cfg.infer.backend) is Backend.onnxruntime:
+        proposals = load_export_info(run_cfg.ckpt).get("rpn_proposals")
+    return None if proposals is None else [int(n) for n in proposals]
+
+
 def predict_batch(adapter, samples: list[dict], point: OperatingPoint) -> list[ImagePredictions | str]:
     """Predictions for a batch; if the batch fails (say, out of memory on one huge image), each
     image is retried alone and a failure is returned as its error message."""
@@ -173,21 +197,24 @@ def run_inference(cfg: DictConfig, out_dir: str | os.PathLike) -> InferenceSumma
     summary = InferenceSummary(out_dir, images=len(images))
 
     module = load_detector(run_cfg.ckpt)
+    detector = inference_detector(module, run_cfg)
     class_names = list(module.hparams.class_names)
     share_class = resolve_share_class(run_cfg.eval.get("share_class"), class_names)
     point = operating_point(run_cfg)
+    backend = Backend(infer_cfg.backend)
     settings = RunSettings(out_dir, {
         "checkpoint": str(Path(run_cfg.ckpt).resolve()), "checkpoint_sha256": file_sha256(run_cfg.ckpt),
-        "model": run_cfg.model.name, "classes": class_names,
+        "model": run_cfg.model.name, "backend": backend.value, "classes": class_names,
+        "rpn_proposals": detector_proposals(run_cfg),
         "min_confidence": point.min_confidence, "nms": point.nms, "max_detections": point.max_detections,
         "thresholds_from": point.source, "preprocess": OmegaConf.to_container(run_cfg.preprocess, resolve=True),
         "input": str(root.resolve())})
     store = RecordStore(out_dir, root)
     todo = images if infer_cfg.overwrite else reusable_check(settings, store, images)
     settings.save()  # only now: a refused run leaves the folder as it was
-    batch_size, num_workers = loader_settings(infer_cfg, module.device.type == "cuda")
-    logger.info("%d images under %s; model %s on %s (batch %d, %d loader workers); %s", len(images), root,
-                run_cfg.model.name, module.device, batch_size, num_workers, point.describe())
+    batch_size, num_workers = loader_settings(infer_cfg, detector.device.type == "cuda")
+    logger.info("%d images under %s; model %s (%s) on %s (batch %d, %d loader workers); %s", len(images), root,
+                run_cfg.model.name, backend.value, detector.device, batch_size, num_workers, point.describe())
 
     summary.skipped = len(images) - len(todo)
     if summary.skipped:
@@ -200,7 +227,7 @@ def run_inference(cfg: DictConfig, out_dir: str | os.PathLike) -> InferenceSumma
         for batch in (loader if todo else []):
             batch_start = time.perf_counter()
             good = [s for s in batch if "error" not in s]
-            outcomes = dict(zip((s["file_name"] for s in good), predict_batch(module.adapter, good, point))) if good else {}
+            outcomes = dict(zip((s["file_name"] for s in good), predict_batch(detector, good, point))) if good else {}
             per_image = (time.perf_counter() - batch_start) / max(len(batch), 1)
             for sample in batch:
                 path = Path(sample["file_name"])
