@@ -99,8 +99,8 @@ class OnnxDetector:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.inter_op_num_threads = 1
-        # idle workers sleep instead of spinning: they would steal the cores torch's threads need
-        # between the two graphs (2 threads: 59 -> ? ms per image on 2 cores)
+        # idle workers sleep instead of spinning: between and after the two graphs torch's threads
+        # paste the masks and the loader worker decodes, on the same cores (not timed separately)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
