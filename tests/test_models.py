@@ -9,7 +9,7 @@ import timm
 import torch
 
 import leukodet.models  # noqa: F401
-from leukodet.models.backbones import effnet_lite0_imagenet_state_dict
+from leukodet.models.backbones import effnet_lite_imagenet_state_dict
 from leukodet.models.base import batchnorm_frozen
 from leukodet.registry import MODELS, RegistryError
 from leukodet.structures import RAW, Detections, OperatingPoint, refilter, to_original
@@ -38,14 +38,15 @@ def tiny_batch(masks=True, n=2, size=(160, 192)):
     return batch
 
 
-def build(**kw):
+def build(name="maskrcnn_effnet_lite0", **kw):
     kw = {"num_classes": 2, "min_size": 160, "max_size": 192, **kw}
-    return MODELS.build({"name": "maskrcnn_effnet_lite0"}, **kw)
+    return MODELS.build({"name": name}, **kw)
 
 
-def test_imagenet_weights_from_the_wheel_load_strictly_into_timm():
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    state = effnet_lite0_imagenet_state_dict()
+@pytest.mark.parametrize("variant", ["lite0", "lite2"])
+def test_imagenet_weights_from_the_wheel_load_strictly_into_timm(variant):
+    model = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False)
+    state = effnet_lite_imagenet_state_dict(variant)
     result = model.load_state_dict(state, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     model.eval()
@@ -62,12 +63,13 @@ def test_imagenet_weights_from_the_wheel_load_strictly_into_timm():
     smear = render_smear(np.random.default_rng(0), 224, 224, "wbc")[0]
     image = torch.from_numpy(smear).permute(2, 0, 1)[None].float() / 127.5 - 1
     assert entropy(model, image) < 5.0
-    assert entropy(timm.create_model("tf_efficientnet_lite0", pretrained=False).eval(), image) > 5.5
+    assert entropy(timm.create_model(f"tf_efficientnet_{variant}", pretrained=False).eval(), image) > 5.5
 
 
-def test_losses_backward_and_predict_shapes():
+@pytest.mark.parametrize("name", ["maskrcnn_effnet_lite0", "maskrcnn_effnet_lite2"])
+def test_losses_backward_and_predict_shapes(name):
     torch.manual_seed(0)
-    adapter = build()
+    adapter = build(name)
     losses = adapter.losses(tiny_batch())
     assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
     total = sum(losses.values())

