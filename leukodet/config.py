@@ -79,6 +79,9 @@ class EvalConfig:
     nms: Optional[float] = 0.5
     max_detections: Optional[int] = 300  # smears hold hundreds of cells
     iou_threshold: float = 0.5  # matching IoU for P/R/F1/counts
+    # true: predict each image and its horizontal mirror and pool the detections (evaluation, sweeps
+    # and inference; leukodet.models.tta). The checkpoint tools compose it as null: the run's value
+    flip_tta: Optional[bool] = False
     share_class: Optional[str] = None  # its share of all cells is reported and flagged; null = the first class
     split: str = "test"
     # tools/evaluate.py sweep=true scores this grid from cached raw predictions

@@ -25,6 +25,7 @@ from leukodet.evaluation.report import format_table, format_touching, save_repor
 from leukodet.report import write_gallery, write_run_report
 from leukodet.evaluation.sweep import cache_key, load_raw, load_thresholds, plot_heatmap, save_raw, save_thresholds, sweep
 from leukodet.io import UnreadableFileError, UnsafeFileError, atomic_write_text, load_tensor_file
+from leukodet.models.tta import FlipTTA
 from leukodet.preprocess.mapper import DatasetMapper
 from leukodet.structures import RAW, ImagePredictions, OperatingPoint, refilter
 from leukodet.viz import draw_predictions, write_rgb
@@ -119,7 +120,12 @@ def predict_split(cfg: DictConfig, module: DetectionModule, records: list[dict],
                   desc: str) -> list[ImagePredictions]:
     """Predictions for ``records`` through the training mapper's preprocessing, cut at ``prefilter``."""
     loader = make_loader(records, DatasetMapper(cfg.preprocess), cfg.train.batch_size, False, cfg.train.num_workers)
-    return [prediction for _, prediction in predict_loader(module.adapter, loader, prefilter, desc=desc)]
+    return [prediction for _, prediction in predict_loader(with_tta(cfg, module.adapter), loader, prefilter, desc=desc)]
+
+
+def with_tta(cfg: DictConfig, detector):
+    """``detector``, with horizontal-flip test-time augmentation when ``eval.flip_tta`` is set."""
+    return FlipTTA(detector) if cfg.eval.get("flip_tta") else detector
 
 
 def cached_raw_predictions(cfg: DictConfig, module: DetectionModule, checkpoint: str | Path,
@@ -129,7 +135,8 @@ def cached_raw_predictions(cfg: DictConfig, module: DetectionModule, checkpoint:
     name = split_name(cfg.data.name, split)
     records = get_dataset_dicts(name)
     # keyed by the registered name, not the split alone: one checkpoint can score other datasets' splits
-    key = cache_key(checkpoint, name, OmegaConf.to_container(cfg.preprocess, resolve=True))
+    key = cache_key(checkpoint, name, {"preprocess": OmegaConf.to_container(cfg.preprocess, resolve=True),
+                                       "flip_tta": bool(cfg.eval.get("flip_tta"))})
     path = Path(checkpoint).parent / "cache" / f"raw_{split}_{key}.npz"
     if path.is_file():
         try:

@@ -30,11 +30,12 @@ from leukodet.structures import RAW_MAX_DETECTIONS, RAW_SCORE_FLOOR, ImagePredic
 logger = logging.getLogger(__name__)
 
 
-def cache_key(checkpoint: str | Path, split: str, preprocess: dict) -> str:
+def cache_key(checkpoint: str | Path, split: str, settings: dict) -> str:
     """Changes when the checkpoint file, the split (its registered name, e.g. ``bccd_rbc_test``, since
-    one checkpoint can score several datasets) or the preprocessing changes."""
+    one checkpoint can score several datasets) or the prediction settings (preprocessing, test-time
+    augmentation) change."""
     stat = Path(checkpoint).stat()
-    text = json.dumps([str(Path(checkpoint).resolve()), stat.st_size, stat.st_mtime_ns, split, preprocess],
+    text = json.dumps([str(Path(checkpoint).resolve()), stat.st_size, stat.st_mtime_ns, split, settings],
                       sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 

@@ -28,7 +28,7 @@ from leukodet.data.catalog import class_colors
 from leukodet.data.imageio import ImageReadError, image_size, read_image
 from leukodet.data.via_export import mask_polygon
 from leukodet.engine.data import make_loader
-from leukodet.engine.evaluate import load_detector, operating_point, run_config
+from leukodet.engine.evaluate import load_detector, operating_point, run_config, with_tta
 from leukodet.engine.inference.discovery import discover_images, relative_name
 from leukodet.engine.inference.store import RecordStore, RunSettings, file_identity, stale_inputs_message
 from leukodet.engine.inference.writers import (CocoResults, CountsCsv, DetectionsCsv, FolderSummary, ViaProject,
@@ -125,7 +125,8 @@ class InferenceSummary:
 
 def inference_detector(module, run_cfg: DictConfig):
     """What folder inference predicts with (``infer.backend``): the checkpoint's inference copy
-    (BatchNorm folded, channels-last; ``DetectorAdapter.for_inference``) or its ONNX export."""
+    (BatchNorm folded, channels-last; ``DetectorAdapter.for_inference``) or its ONNX export, with
+    flip test-time augmentation when ``eval.flip_tta`` is set."""
     threads, proposals = run_cfg.infer.threads, run_cfg.infer.get("rpn_proposals")
     if threads:
         torch.set_num_threads(threads)
@@ -133,8 +134,8 @@ def inference_detector(module, run_cfg: DictConfig):
         if proposals is not None:
             raise ValueError("infer.rpn_proposals is for the torch backend; an ONNX export has its own "
                              "(tools/export.py ... export.rpn_proposals=[200,50])")
-        return load_exported(run_cfg.ckpt, threads)
-    return module.adapter.for_inference(None if proposals is None else tuple(proposals))
+        return with_tta(run_cfg, load_exported(run_cfg.ckpt, threads))
+    return with_tta(run_cfg, module.adapter.for_inference(None if proposals is None else tuple(proposals)))
 
 
 def detector_proposals(run_cfg: DictConfig) -> list[int] | None:
@@ -205,7 +206,7 @@ def run_inference(cfg: DictConfig, out_dir: str | os.PathLike) -> InferenceSumma
     settings = RunSettings(out_dir, {
         "checkpoint": str(Path(run_cfg.ckpt).resolve()), "checkpoint_sha256": file_sha256(run_cfg.ckpt),
         "model": run_cfg.model.name, "backend": backend.value, "classes": class_names,
-        "rpn_proposals": detector_proposals(run_cfg),
+        "rpn_proposals": detector_proposals(run_cfg), "flip_tta": bool(run_cfg.eval.get("flip_tta")),
         "min_confidence": point.min_confidence, "nms": point.nms, "max_detections": point.max_detections,
         "thresholds_from": point.source, "preprocess": OmegaConf.to_container(run_cfg.preprocess, resolve=True),
         "input": str(root.resolve())})
