@@ -18,19 +18,13 @@ POINTS = [OperatingPoint(0.05, 0.5, 100), OperatingPoint(0.3, 0.3, 10)]
 
 def paired(reference, other):
     """(same count and classes, max box difference px, max score difference, min mask IoU) of two
-    lists of ImagePredictions, detections paired in score order."""
-    from pycocotools import mask as mask_utils
+    lists of ImagePredictions, detections paired in score order (``engine.export.agreement``)."""
+    from leukodet.engine.export import agreement
 
-    box_diff, score_diff, min_iou = 0.0, 0.0, 1.0
-    for ref, pred in zip(reference, other):
-        if len(ref) != len(pred) or (ref.labels != pred.labels).any():
-            return False, None, None, None
-        if len(ref):
-            box_diff = max(box_diff, float(np.abs(ref.boxes - pred.boxes).max()))
-            score_diff = max(score_diff, float(np.abs(ref.scores - pred.scores).max()))
-            if ref.rles is not None:
-                min_iou = min(min_iou, float(np.diag(mask_utils.iou(pred.rles, ref.rles, [0] * len(ref))).min()))
-    return True, box_diff, score_diff, min_iou
+    found = agreement(reference, other)
+    if found.same_count_and_classes != found.images:
+        return False, None, None, None
+    return True, found.max_box_difference_px, found.max_score_difference, found.min_mask_iou or 1.0
 
 
 def in_file_pixels(adapter, batch, point):

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from pycocotools import mask as mask_utils
 
 from leukodet.data.catalog import get_dataset_dicts, split_name
 from leukodet.data.pipeline import ensure_prepared
@@ -71,8 +72,6 @@ class Agreement:
 
 
 def agreement(reference: list[ImagePredictions], candidate: list[ImagePredictions]) -> Agreement:
-    from pycocotools import mask as mask_utils
-
     same, detections, box_diff, score_diff = 0, 0, 0.0, 0.0
     min_iou = None if reference and reference[0].rles is None else 1.0
     for ref, pred in zip(reference, candidate):
@@ -123,7 +122,8 @@ def export_checkpoint(cfg: DictConfig, out_dir: str | os.PathLike) -> Agreement:
     with tempfile.TemporaryDirectory(dir=checkpoint.parent) as tmp:
         staged = Path(tmp) / onnx_path(checkpoint).name
         # contiguous weights: the graph is traced once, ONNX Runtime chooses its own layouts
-        export_onnx(inference_copy(adapter.model, channels_last=False, rpn_proposals=proposals), samples[0]["image"].float() / 255, staged)
+        export_onnx(inference_copy(adapter.model, channels_last=False, rpn_proposals=proposals),
+                    samples[0]["image"].float() / 255, staged)
         onnx = OnnxDetector(staged, adapter.num_classes, transform.min_size[-1], transform.max_size, device="cpu")
         results = {}
         with torch.inference_mode():
@@ -140,7 +140,8 @@ def export_checkpoint(cfg: DictConfig, out_dir: str | os.PathLike) -> Agreement:
         info = {"checkpoint": checkpoint.name, "checkpoint_sha256": file_sha256(checkpoint),
                 "model": run_cfg.model.name, "classes": list(module.hparams.class_names), "opset": OPSET,
                 "min_size": transform.min_size[-1], "max_size": transform.max_size,
-                "has_masks": adapter.has_masks, "rpn_proposals": None if proposals is None else list(proposals), "checked_on": [s["file_name"] for s in samples],
+                "has_masks": adapter.has_masks, "rpn_proposals": None if proposals is None else list(proposals),
+                "checked_on": [s["file_name"] for s in samples],
                 "agreement": {str(c): asdict(a) for c, a in results.items()}}
         written = [onnx_path(checkpoint)] + ([masks_path(onnx_path(checkpoint))] if adapter.has_masks else [])
         for target in written:  # renames within one folder: each file appears whole

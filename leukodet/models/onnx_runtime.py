@@ -114,6 +114,7 @@ class OnnxDetector:
         # the resize rule only (its mean and std are inside the graph)
         self.transform = GeneralizedRCNNTransform(min_size, max_size, [0.0] * 3, [1.0] * 3)
         self.device = torch.device("cuda" if chosen[0] == "CUDAExecutionProvider" else "cpu")
+        self.rpn_proposals: list[int] | None = None  # set by load_exported from the export's record
 
     def predict(self, batch: list[dict], prefilter: OperatingPoint = RAW) -> list[Detections]:
         if prefilter.min_confidence < EXPORT_POINT.min_confidence:
@@ -159,4 +160,6 @@ def load_exported(checkpoint: str | os.PathLike, threads: int | None = None, dev
     if info.get("checkpoint_sha256") != file_sha256(checkpoint):
         raise ValueError(f"{path} was exported from another {checkpoint.name} than the one there now; "
                          f"export again: python tools/export.py ckpt={checkpoint}")
-    return OnnxDetector(path, len(info["classes"]), info["min_size"], info["max_size"], threads=threads, device=device)
+    detector = OnnxDetector(path, len(info["classes"]), info["min_size"], info["max_size"], threads=threads, device=device)
+    detector.rpn_proposals = info.get("rpn_proposals")  # baked into the graph at export
+    return detector

@@ -36,7 +36,7 @@ from leukodet.engine.inference.writers import (CocoResults, CountsCsv, Detection
 from leukodet.engine.predictor import predict_original
 from leukodet.evaluation.metrics import resolve_share_class
 from leukodet.io import file_sha256
-from leukodet.models.onnx_runtime import load_export_info, load_exported
+from leukodet.models.onnx_runtime import load_exported
 from leukodet.preprocess.mapper import DatasetMapper
 from leukodet.report import write_inference_report
 from leukodet.structures import ImagePredictions, OperatingPoint
@@ -126,7 +126,8 @@ class InferenceSummary:
 def inference_detector(module, run_cfg: DictConfig):
     """What folder inference predicts with (``infer.backend``): the checkpoint's inference copy
     (BatchNorm folded, channels-last; ``DetectorAdapter.for_inference``) or its ONNX export, with
-    flip test-time augmentation when ``eval.flip_tta`` is set."""
+    flip test-time augmentation when ``eval.flip_tta`` is set; and the test-time RPN proposal
+    counts it runs with (None: the model's own)."""
     threads, proposals = run_cfg.infer.threads, run_cfg.infer.get("rpn_proposals")
     if threads:
         torch.set_num_threads(threads)
@@ -134,16 +135,12 @@ def inference_detector(module, run_cfg: DictConfig):
         if proposals is not None:
             raise ValueError("infer.rpn_proposals is for the torch backend; an ONNX export has its own "
                              "(tools/export.py ... export.rpn_proposals=[200,50])")
-        return with_tta(run_cfg, load_exported(run_cfg.ckpt, threads))
-    return with_tta(run_cfg, module.adapter.for_inference(None if proposals is None else tuple(proposals)))
-
-
-def detector_proposals(run_cfg: DictConfig) -> list[int] | None:
-    """The test-time RPN proposal counts inference sets (null: the model's own)."""
-    proposals = run_cfg.infer.get("rpn_proposals")
-    if Backend(run_cfg.infer.backend) is Backend.onnxruntime:
-        proposals = load_export_info(run_cfg.ckpt).get("rpn_proposals")
-    return None if proposals is None else [int(n) for n in proposals]
+        detector = load_exported(run_cfg.ckpt, threads)
+        proposals = detector.rpn_proposals
+    else:
+        proposals = None if proposals is None else [int(n) for n in proposals]
+        detector = module.adapter.for_inference(None if proposals is None else tuple(proposals))
+    return with_tta(run_cfg, detector), proposals
 
 
 def predict_batch(adapter, samples: list[dict], point: OperatingPoint) -> list[ImagePredictions | str]:
@@ -198,7 +195,7 @@ def run_inference(cfg: DictConfig, out_dir: str | os.PathLike) -> InferenceSumma
     summary = InferenceSummary(out_dir, images=len(images))
 
     module = load_detector(run_cfg.ckpt)
-    detector = inference_detector(module, run_cfg)
+    detector, proposals = inference_detector(module, run_cfg)
     class_names = list(module.hparams.class_names)
     share_class = resolve_share_class(run_cfg.eval.get("share_class"), class_names)
     point = operating_point(run_cfg)
@@ -206,7 +203,7 @@ def run_inference(cfg: DictConfig, out_dir: str | os.PathLike) -> InferenceSumma
     settings = RunSettings(out_dir, {
         "checkpoint": str(Path(run_cfg.ckpt).resolve()), "checkpoint_sha256": file_sha256(run_cfg.ckpt),
         "model": run_cfg.model.name, "backend": backend.value, "classes": class_names,
-        "rpn_proposals": detector_proposals(run_cfg), "flip_tta": bool(run_cfg.eval.get("flip_tta")),
+        "rpn_proposals": proposals, "flip_tta": bool(run_cfg.eval.get("flip_tta")),
         "min_confidence": point.min_confidence, "nms": point.nms, "max_detections": point.max_detections,
         "thresholds_from": point.source, "preprocess": OmegaConf.to_container(run_cfg.preprocess, resolve=True),
         "input": str(root.resolve())})
