@@ -37,7 +37,7 @@ def drawn():
 @pytest.mark.parametrize("name, params", [
     ("scale", {"factor": 0.5}), ("scale", {"max_size": 100}), ("scale", {"size": [64, 32]}),
     ("bilateral", {}), ("equalize", {"mode": "luma"}), ("equalize", {"mode": "per_channel"}),
-    ("equalize", {"mode": "clahe", "clip_limit": 3.0, "tile_grid": 4}),
+    ("equalize", {"mode": "clahe", "clip_limit": 3.0, "tile_grid": 4}), ("white_balance", {}),
 ])
 def test_image_steps_keep_dtype_channels_and_range(smear, name, params):
     out = run_step(name, smear, **params).image
@@ -78,6 +78,20 @@ def test_mask_and_cuts_from_raw_or_current(drawn):
     assert (cut[disc] == 7).all() and (cut[~disc] == 0).all()
     with pytest.raises(ValueError, match="put green_threshold before it"):
         run_step("mask_and", image)
+
+
+def test_white_balance_makes_two_colour_casts_of_one_smear_alike(drawn):
+    image, disc = drawn
+    yellow = np.clip(image * np.array([1.0, 0.95, 0.65]), 0, 255).astype(np.uint8)  # dataset1's lamp
+    pink = np.clip(image * np.array([0.95, 0.8, 0.85]), 0, 255).astype(np.uint8)
+    assert np.abs(yellow.astype(int) - pink).mean() > 15
+    balanced = [run_step("white_balance", cast, percentile=95) for cast in (yellow, pink)]
+    for state in balanced:
+        assert (state.image[~disc].mean(0) > 250).all()  # the background is white
+        assert state.raw is state.image  # mask_and cuts the balanced cells out
+    assert np.abs(balanced[0].image.astype(int) - balanced[1].image).mean() < 3
+    chain = PreprocessChain(compose("preprocess=white_balanced").preprocess)
+    assert [name for name, _, _ in chain.steps] == ["scale", "white_balance"]
 
 
 @pytest.mark.parametrize("kind", ["wbc", "rbc"])

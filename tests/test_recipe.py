@@ -40,6 +40,24 @@ def test_stain_augmentation_changes_colours_only():
     assert torch.equal(out_boxes, boxes)
 
 
+def test_hed_jitter_moves_stain_amounts_and_nothing_else():
+    from leukodet.data.augment import RandomHEDJitter
+
+    torch.manual_seed(0)
+    pixels = tv_tensors.Image(torch.randint(0, 255, (3, 32, 48), dtype=torch.uint8))
+    mask = tv_tensors.Mask(torch.zeros(1, 32, 48, dtype=torch.uint8))
+    assert torch.equal(RandomHEDJitter(sigma=0, bias=0, p=1)(pixels), pixels)  # no jitter: the same pixels
+    white = tv_tensors.Image(torch.full((3, 4, 4), 255, dtype=torch.uint8))
+    stained = RandomHEDJitter(sigma=0, bias=0.02, p=1)
+    params = {"scale": torch.ones(3), "shift": torch.tensor([0.02, 0.0, 0.0])}  # more haematoxylin only
+    red, green, blue = stained.transform(white, params)[:, 0, 0].tolist()
+    assert green < red < blue < 250  # white turns haematoxylin's blue-purple (it absorbs green most)
+    cfg = compose("augment=stain_hed")
+    out_pixels, out_mask = build_augmentation(cfg.augment)(pixels, mask)
+    assert out_pixels.shape == pixels.shape and out_pixels.dtype == torch.uint8 and torch.equal(out_mask.sum(), mask.sum())
+    assert {"hed_jitter", "sharpen", "blur"} <= {t["name"] for t in cfg.augment.transforms}
+
+
 def test_budget_preset_composes():
     cfg = compose("train=cpu_10min")
     assert cfg.train.max_steps == 1600 and cfg.train.sampler == "shuffle" and cfg.train.lr == 0.01

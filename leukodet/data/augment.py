@@ -7,6 +7,7 @@ registered function returning a v2 transform plus a YAML entry.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -48,6 +49,43 @@ class RandomRot90(v2.Transform):
         if isinstance(inpt, (tv_tensors.Image, tv_tensors.Mask)):
             return tv_tensors.wrap(torch.rot90(inpt.as_subclass(torch.Tensor), turns, dims=(-2, -1)), like=inpt)
         return inpt  # labels and other passengers
+
+
+# Ruifrok & Johnston's stain vectors (rows: haematoxylin, eosin, DAB) and scikit-image's scaling
+# of optical density (log(rgb) / log(1e-6): 0 white, 1 opaque), as in its rgb2hed / hed2rgb. Written
+# here on the tensor so the jitter stays inside the v2 pipeline, without scikit-image as a
+# dependency for two 3x3 products.
+RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
+LOG_ADJUST = math.log(1e-6)
+
+
+class RandomHEDJitter(v2.Transform):
+    """Stain augmentation of Tellez et al. (2018): in haematoxylin-eosin-DAB space each stain's
+    amount is scaled by U(1 - sigma, 1 + sigma) and shifted by U(-bias, bias), with probability
+    ``p``. It mimics another staining protocol rather than another camera (colour_jitter)."""
+
+    def __init__(self, sigma: float = 0.05, bias: float = 0.02, p: float = 0.8):
+        super().__init__()
+        self.sigma, self.bias, self.p = sigma, bias, p
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        if torch.rand(()) >= self.p:
+            return {"scale": None, "shift": None}
+        return {"scale": 1 + (torch.rand(3) * 2 - 1) * self.sigma, "shift": (torch.rand(3) * 2 - 1) * self.bias}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if params["scale"] is None or not isinstance(inpt, tv_tensors.Image):
+            return inpt  # boxes, masks and labels do not change colour
+        pixels = inpt.as_subclass(torch.Tensor)
+        rgb = pixels.float() / 255 if pixels.dtype == torch.uint8 else pixels.float()
+        density = torch.log(rgb.clamp_min(1e-6)) / LOG_ADJUST
+        # not clipped at zero as rgb2hed does: the three vectors span RGB, so unjittered pixels come back
+        stains = torch.einsum("chw,cs->shw", density, HED_FROM_RGB)
+        stains = stains * params["scale"][:, None, None] + params["shift"][:, None, None]
+        rgb = torch.exp(torch.einsum("shw,sc->chw", stains, RGB_FROM_HED) * LOG_ADJUST).clamp(0, 1)
+        out = (rgb * 255).round().to(torch.uint8) if pixels.dtype == torch.uint8 else rgb.to(pixels.dtype)
+        return tv_tensors.wrap(out, like=inpt)
 
 
 def _maybe(transform: v2.Transform, p: float) -> v2.Transform:
@@ -93,6 +131,18 @@ def color_jitter(brightness: float = 0.15, contrast: float = 0.15, saturation: f
 def blur(kernel_size: int = 5, sigma: Sequence[float] = (0.1, 1.5), p: float = 0.3) -> v2.Transform:
     """Gaussian blur with a random sigma in ``sigma``: focus differences between scanners."""
     return _maybe(v2.GaussianBlur(kernel_size, tuple(sigma)), p)
+
+
+@AUGMENTATIONS.register(name="hed_jitter")
+def hed_jitter(sigma: float = 0.05, bias: float = 0.02, p: float = 0.8) -> v2.Transform:
+    """Haematoxylin/eosin amounts scaled and shifted (:class:`RandomHEDJitter`): another stain."""
+    return RandomHEDJitter(sigma, bias, p)
+
+
+@AUGMENTATIONS.register(name="sharpen")
+def sharpen(factor: float = 2.0, p: float = 0.3) -> v2.Transform:
+    """Unsharp the image by ``factor``: a sharper scanner than the training one (blur's converse)."""
+    return v2.RandomAdjustSharpness(factor, p)
 
 
 def build_augmentation(config: Sequence[Mapping[str, Any]] | Mapping[str, Any] | None) -> v2.Compose | None:

@@ -105,6 +105,22 @@ def scale(state: PreprocessState, factor: float | None = None, max_size: int | N
     return state
 
 
+@step("white_balance")
+def white_balance(state: PreprocessState, percentile: float = 95.0) -> PreprocessState:
+    """Scale each channel so that its ``percentile`` becomes white. In a smear the brightest
+    pixels are the empty background (while cells cover less than ``100 - percentile`` % of the
+    field), so this removes the lamp and camera colour cast that differs between acquisitions
+    (segmentation_wbc's dataset1 is yellow, dataset2 pink). It corrects the acquisition, not a
+    filter, so ``raw`` (what ``mask_and`` cuts out) is the balanced image too. Written here: a
+    white patch on a robust percentile is two lines of numpy, and OpenCV's white balance is only in
+    its contrib build."""
+    white = np.percentile(state.image.reshape(-1, 3), percentile, axis=0)
+    gain = 255.0 / np.maximum(white, 1.0)
+    state.image = np.clip(state.image * gain, 0, 255).astype(np.uint8)
+    state.raw = state.image
+    return state
+
+
 @step("bilateral")
 def bilateral(state: PreprocessState, diameter: int = 5, sigma_color: float = 75,
               sigma_space: float = 75) -> PreprocessState:
