@@ -78,6 +78,9 @@ class EvalConfig:
     min_confidence: Optional[float] = 0.5
     nms: Optional[float] = 0.5
     max_detections: Optional[int] = 300  # smears hold hundreds of cells
+    # per-class logit bias added to the scores before the cut, in class order (null: none); a sweep
+    # over eval.sweep_class_bias chooses it, e.g. on a few labelled images of a new scanner
+    class_bias: Optional[list[float]] = None
     iou_threshold: float = 0.5  # matching IoU for P/R/F1/counts
     # true: predict each image and its horizontal mirror and pool the detections (evaluation, sweeps
     # and inference; leukodet.models.tta). The checkpoint tools compose it as null: the run's value
@@ -87,6 +90,9 @@ class EvalConfig:
     # tools/evaluate.py sweep=true scores this grid from cached raw predictions
     sweep_min_confidence: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])
     sweep_nms: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.5])
+    # logit biases tried for the share class's scores (the others stay 0): where the boundary between
+    # it and the rest lies. [0.0]: the model's own boundary
+    sweep_class_bias: list[float] = field(default_factory=lambda: [0.0])
     sweep_metric: str = "f1"  # a METRICS name
     # tools/count_table.py: count accuracy per image at each of these (the RBC paper's table)
     count_min_confidence: list[float] = field(default_factory=lambda: [0.7, 0.8, 0.9])

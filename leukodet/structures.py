@@ -2,9 +2,9 @@
 
 Models return ``Detections`` (torch, model-input pixels). Everything after the model works on
 ``ImagePredictions`` (numpy, the file's pixels, masks as COCO RLE): RLE keeps hundreds of cell
-masks per image small, and pycocotools computes mask IoU on it in C. The operating point (min
-confidence, NMS, cap) is one value, ``OperatingPoint``, applied by one function, ``refilter``,
-for validation, evaluation, sweeps, count tables and inference alike.
+masks per image small, and pycocotools computes mask IoU on it in C. The operating point (class
+score bias, min confidence, NMS, cap) is one value, ``OperatingPoint``, applied by one function,
+``refilter``, for validation, evaluation, sweeps, count tables and inference alike.
 """
 
 from __future__ import annotations
@@ -31,22 +31,51 @@ def scoring_floor(min_confidence: float, floor: float = RAW_SCORE_FLOOR) -> floa
 
 @dataclass(frozen=True)
 class OperatingPoint:
-    """Where a detector's output is cut: score > ``min_confidence``, per-class NMS at IoU ``nms``,
-    then the ``max_detections`` highest scores; ``source`` says where the values came from."""
+    """Where a detector's output is cut: each class's scores shifted by its ``class_bias`` (logits;
+    empty: none), then score > ``min_confidence``, per-class NMS at IoU ``nms``, then the
+    ``max_detections`` highest scores; ``source`` says where the values came from.
+
+    The bias moves the boundary between classes without retraining: on another scanner the
+    within-class ranking of a model's scores often survives while the lymphocyte/other boundary
+    moves (README, Cross-validation), and a bias chosen on a few labelled images of it puts the
+    boundary back."""
 
     min_confidence: float = 0.5
     nms: float = 0.5
     max_detections: int = 300
     source: str = "default"
+    class_bias: tuple[float, ...] = ()
 
     def scored(self) -> "OperatingPoint":
-        """The same NMS and cap down to the scoring floor: what an evaluation needs (AP over all
-        scores; the evaluator applies min confidence itself, and NMS and cap commute with a higher
-        score cut, so the point's own figures are unchanged)."""
+        """The same bias, NMS and cap down to the scoring floor: what an evaluation needs (AP over
+        all scores; the evaluator applies min confidence itself, and NMS and cap commute with a
+        higher score cut, so the point's own figures are unchanged)."""
         return replace(self, min_confidence=scoring_floor(self.min_confidence))
 
+    def detector_cut(self) -> "OperatingPoint":
+        """The point a detector may cut its own output at so that ``refilter`` at this point gives
+        the same as on raw detections: itself without a bias; with one, the lowest unbiased score
+        any class could pass with and the raw cap (a per-class bias keeps the order within each
+        class, so per-class NMS keeps the same boxes; only the cap's order across classes moves)."""
+        if not any(self.class_bias):
+            return self
+        floor = min(unbias(self.min_confidence, bias) for bias in self.class_bias)
+        return OperatingPoint(max(floor, 0.0), self.nms, RAW_MAX_DETECTIONS, self.source)
+
     def describe(self) -> str:
-        return f"min confidence {self.min_confidence:g}, NMS {self.nms:g}, at most {self.max_detections} ({self.source})"
+        bias = f", class bias {list(self.class_bias)}" if any(self.class_bias) else ""
+        return (f"min confidence {self.min_confidence:g}, NMS {self.nms:g}, at most {self.max_detections}{bias} "
+                f"({self.source})")
+
+
+def logit(p: np.ndarray | float) -> np.ndarray:
+    p = np.clip(np.asarray(p, np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p) - np.log1p(-p)
+
+
+def unbias(score: float, bias: float) -> float:
+    """The unbiased score that ``bias`` raises to ``score``."""
+    return float(1 / (1 + np.exp(-(logit(score) - bias))))
 
 
 RAW = OperatingPoint(RAW_SCORE_FLOOR, 1.0, RAW_MAX_DETECTIONS, "raw")
@@ -87,12 +116,25 @@ class ImagePredictions:
         return self.select(np.nonzero(self.scores > min_confidence)[0])
 
 
+def biased(predictions: ImagePredictions, class_bias: tuple[float, ...]) -> ImagePredictions:
+    """``predictions`` with each class's scores moved by its bias in logit space (sigmoid(logit(s)
+    + bias)): a monotone map within each class, so a class's ranking (its AP) is unchanged."""
+    if not any(class_bias) or len(predictions) == 0:
+        return predictions
+    if int(predictions.labels.max()) >= len(class_bias):
+        raise ValueError(f"class bias {list(class_bias)} has {len(class_bias)} values; the detections have "
+                         f"class ids up to {int(predictions.labels.max())}")
+    shifted = logit(predictions.scores) + np.asarray(class_bias, np.float64)[predictions.labels]
+    scores = (1 / (1 + np.exp(-shifted))).astype(np.float32)
+    return ImagePredictions(predictions.boxes, scores, predictions.labels, predictions.rles)
+
+
 def refilter(predictions: ImagePredictions, point: OperatingPoint) -> ImagePredictions:
-    """``predictions`` cut at ``point``: score > min confidence, per-class NMS, the cap, in
-    torchvision RoIHeads' (and detectron2's) own order. On raw detections this gives exactly what
-    the detector gives at that point, since each Mask R-CNN mask depends on its box alone (tested
-    for every registered torchvision model)."""
-    kept = predictions.above(point.min_confidence)
+    """Raw ``predictions`` cut at ``point``: class bias, score > min confidence, per-class NMS, the
+    cap, in torchvision RoIHeads' (and detectron2's) own order. On raw detections this gives exactly
+    what the detector gives at that point, since each Mask R-CNN mask depends on its box alone (tested
+    for every registered torchvision model). Apply it once: a second call would add the bias again."""
+    kept = biased(predictions, point.class_bias).above(point.min_confidence)
     if len(kept) == 0:
         return kept
     order = batched_nms(torch.from_numpy(kept.boxes).float(), torch.from_numpy(kept.scores).float(),

@@ -57,19 +57,22 @@ def test_leave_one_source_out_and_validation_per_source():
     assert Counter(r.source for r in parts["val"]) == {"x.json": 4, "y.json": 4}
 
 
-@pytest.fixture(scope="module")
-def crossval_run(tmp_path_factory):
-    """tools/crossval.py on 24 generated 256x192 smears (6 patients), 3 folds of 2 training steps:
-    fold 0 alone first, then every fold (as two processes sharing a folder would)."""
-    tmp = tmp_path_factory.mktemp("crossval")
-    args = [sys.executable, str(REPO / "tools" / "crossval.py"), f"data.root={tmp / 'data'}",
+def crossval_command(tmp: Path) -> list[str]:
+    """tools/crossval.py on 24 generated 256x192 smears (6 patients), 3 folds of 2 training steps."""
+    return [sys.executable, str(REPO / "tools" / "crossval.py"), f"data.root={tmp / 'data'}",
             "data.generate.n_images=24", "+data.generate.width=256", "+data.generate.height=192", f"crossval.k={K}",
             "train.max_steps=2", "train.steps_per_epoch=2", "train.warmup_steps=1", "train.num_workers=0",
             "model.min_size=192", "model.max_size=256", "eval.sweep_min_confidence=[0.05,0.3]", "eval.sweep_nms=[0.5]",
             f"paths.output_dir={tmp / 'out'}"]
+
+
+@pytest.fixture(scope="module")
+def crossval_run(tmp_path_factory):
+    """``crossval_command``: fold 0 alone first, then every fold (as two processes sharing a folder would)."""
+    tmp = tmp_path_factory.mktemp("crossval")
     runs = []
     for folds in (["crossval.folds=[0]"], []):
-        done = subprocess.run(args + folds, cwd=REPO, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(crossval_command(tmp) + folds, cwd=REPO, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         runs.append(done.stdout + done.stderr)
     (out,) = (tmp / "out" / "crossval").iterdir()  # both commands chose the same folder
@@ -120,3 +123,29 @@ def test_sweep_chooses_on_val_by_default_and_warns_on_test(crossval_run, tmp_pat
         evaluate_checkpoint(compose(f"ckpt={checkpoint}", "split=test", *grid, config_name="checkpoint"), tmp_path)
     assert json.loads((checkpoint.parent / "thresholds.json").read_text())["split"] == "test"
     assert "choosing the operating point on the 'test' split" in caplog.text
+
+
+def test_recalibration_on_held_out_images_reuses_the_folds_and_scores_the_rest(crossval_run):
+    out, _, _ = crossval_run
+    finished = {i: (out / f"fold{i}" / "fold_result.json").stat().st_mtime_ns for i in range(K)}
+    command = crossval_command(out.parents[2]) + ["crossval.folds=[]", "crossval.calibration.draws=2"]
+    done = subprocess.run(command + ["crossval.calibration.images=3"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "recalibrated on 3 held-out images" in done.stdout + done.stderr
+    assert {i: (out / f"fold{i}" / "fold_result.json").stat().st_mtime_ns for i in range(K)} == finished  # not redone
+    table = pd.read_csv(out / "folds_calibrated3.csv")
+    assert table.fold.tolist() == [0, 1, 2] and (table.scored_images == 5).all() and (table.draws == 2).all()
+    for column in ("calibrated_f1", "val_point_f1", "calibrated_share_mae", "val_point_ap50_segm"):
+        assert table[column].notna().all(), column
+    summary = pd.read_csv(out / "crossval_summary_calibrated3.csv").set_index("metric")
+    assert summary.loc["calibrated_f1", "mean"] == pytest.approx(table.calibrated_f1.mean())
+    for index in range(K):
+        draws = pd.read_csv(out / f"fold{index}" / "calibrated3.csv")
+        chosen = [[int(i) for i in images.split()] for images in draws.images]
+        assert len(draws) == 2 and all(len(set(c)) == 3 and max(c) < 8 for c in chosen)
+        assert draws.class_bias.isin([0.0, -1.0, 1.0, -2.0, 2.0, 3.0, 4.0, 5.0, 6.0]).all()
+    assert pd.read_csv(out / "folds.csv").fold.tolist() == [0, 1, 2]  # the uncalibrated results stay
+    refused = subprocess.run(command + ["crossval.calibration.images=8"], cwd=REPO, capture_output=True, text=True,
+                             timeout=600)
+    assert refused.returncode != 0 and "crossval.calibration.images=8: give 1..7" in refused.stderr

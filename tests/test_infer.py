@@ -116,6 +116,11 @@ def test_operating_point_command_line_then_thresholds_json_then_the_trained_eval
     assert "min_confidence from thresholds.json (best f1 on val)" in point().source
     given = point("eval.min_confidence=0.6")
     assert (given.min_confidence, given.nms) == (0.6, 0.3) and "min_confidence from command line" in given.source
+    assert given.class_bias == () and "class_bias" not in given.source
+    (ckpt.parent / "thresholds.json").write_text(json.dumps({"min_confidence": 0.8, "nms": 0.3, "class_bias": [1.5, 0],
+                                                             "metric": "f1", "split": "calibration"}))
+    assert point().class_bias == (1.5, 0.0) and "class_bias from thresholds.json" in point().source
+    assert point("eval.class_bias=[0,-1]").class_bias == (0.0, -1.0)
 
 
 def test_folder_summary_flags_a_share_above_the_threshold(tmp_path):

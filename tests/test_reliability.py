@@ -84,6 +84,13 @@ def test_keys_that_may_change_on_resume_are_ignored():
         == ["eval.min_confidence", "model.fpn_channels"]
 
 
+def test_a_run_saved_before_a_key_was_added_still_resumes():
+    saved = OmegaConf.create(OmegaConf.to_yaml(compose()))  # as config.yaml is read back
+    del saved.eval["class_bias"], saved.eval["sweep_class_bias"]  # what older runs' files lack
+    assert config_differences(saved, compose()) == []
+    assert config_differences(saved, compose("eval.sweep_class_bias=[0,1]")) == ["eval.sweep_class_bias"]
+
+
 # -- findings 3 and 6: the log was wiped on resume; a truncated last.ckpt gave a traceback -------------
 
 def test_a_truncated_last_checkpoint_is_one_line_and_loses_nothing(tiny_run, tmp_path):

@@ -11,7 +11,8 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from leukodet.evaluation.metrics import as_predictions, evaluate, to_rle_predictions
 from leukodet.evaluation.sweep import (binding_warnings, load_raw, load_thresholds, plot_heatmap, save_raw,
                                       save_thresholds, sweep)
-from leukodet.structures import Detections, OperatingPoint, refilter
+from leukodet.engine.predictor import predict_original
+from leukodet.structures import Detections, ImagePredictions, OperatingPoint, biased, refilter, to_original, unbias
 from leukodet.registry import RegistryError
 
 H, W = 96, 128
@@ -124,3 +125,55 @@ def test_binding_floor_and_cap_are_warned(detectors, caplog):
     # a full cap is harmless when every requested min confidence is at or above each image's lowest cached score
     assert binding_warnings([cut, 0.99], cache_floor=0.05, cache_cap=20, raw=raw) == []
     assert binding_warnings([0.05], cache_floor=0.05, cache_cap=1000, raw=raw) == []
+
+
+def test_class_bias_moves_the_class_boundary_and_the_sweep_finds_it():
+    """Two cells of each class; the model ranks each class right but puts the boundary in the wrong
+    place (a lymphoblast scores 0.45 as one and 0.55 as the other class): no threshold fixes that,
+    a logit bias of 1 on the first class does, and the sweep finds it."""
+    def cell(k: int) -> list[float]:
+        return [10 + 30 * k, 10, 30 + 30 * k, 30]
+
+    records = [{"file_name": "a.png", "image_id": 1, "height": H, "width": W,
+                "annotations": [{"bbox": [10 + 30 * k, 10, 20, 20], "bbox_mode": 1, "category_id": int(k >= 2),
+                                 "iscrowd": 0} for k in range(4)]}]
+    boxes = np.array([cell(k) for k in range(4) for _ in range(2)], np.float32)
+    labels = np.array([0, 1] * 4)
+    scores = np.array([0.45, 0.55, 0.45, 0.55, 0.1, 0.9, 0.1, 0.9], np.float32)
+    raw = [ImagePredictions(boxes, scores, labels, None)]
+    table, best = sweep(records, raw, CLASSES, [0.5, 0.6], [0.5], class_biases=[0.0, 1.0], iou_type="bbox")
+    assert table.class_bias.tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert table.f1[table.class_bias == 0].max() < 0.7  # without the bias every lymphoblast is missed or called wrong
+    assert best == {"min_confidence": 0.6, "nms": 0.5, "class_bias": [1.0, 0.0], "metric": "f1", "value": 1.0}
+    kept = refilter(raw[0], OperatingPoint(0.6, 0.5, class_bias=(1.0, 0.0)))
+    assert sorted(kept.labels.tolist()) == [0, 0, 1, 1]
+    assert kept.scores[kept.labels == 0] == pytest.approx([1 / (1 + np.exp(-(np.log(0.45 / 0.55) + 1)))] * 2)
+    # the bias class is the second one here: its biased sweep cannot reach F1 1
+    _, other = sweep(records, raw, CLASSES, [0.5, 0.6], [0.5], class_biases=[0.0, 1.0], iou_type="bbox", bias_class=1)
+    assert other["value"] < 1.0 and len(other["class_bias"]) == 2
+
+
+def test_biased_scores_keep_each_class_ranking_and_the_detector_cut_loses_nothing(detectors):
+    raw = to_rle_predictions([detectors[0](0.01, 1.0, 1000)], [detectors[0].record("a")])[0]
+    bias = (2.0, -1.5)
+    moved = biased(raw, bias)
+    for k in range(2):
+        own = raw.labels == k
+        assert np.array_equal(np.argsort(raw.scores[own], kind="stable"), np.argsort(moved.scores[own], kind="stable"))
+        assert (np.sign(moved.scores[own] - raw.scores[own]) == np.sign(bias[k])).all()
+    assert unbias(float(moved.scores[0]), bias[int(raw.labels[0])]) == pytest.approx(float(raw.scores[0]), abs=1e-5)
+
+    class Adapter:  # a model that cuts its own output (as every adapter's predict does)
+        def predict(self, batch, prefilter):
+            return [d(prefilter.min_confidence, prefilter.nms, prefilter.max_detections) for d in detectors]
+
+    batch = [{"scale": (1.0, 1.0), "orig_width": W, "orig_height": H}] * len(detectors)
+    for point in (OperatingPoint(0.5, 0.3, 300, class_bias=bias), OperatingPoint(0.3, 0.5, 4, class_bias=(-1.0, 0.0))):
+        assert point.detector_cut().min_confidence < point.min_confidence and not any(point.detector_cut().class_bias)
+        direct = predict_original(Adapter(), batch, point)
+        for got, detector in zip(direct, detectors):
+            want = refilter(to_original(detector(0.01, 1.0, 1000), (1.0, 1.0), (W, H)), point)
+            assert len(want) > 0 and np.array_equal(got.labels, want.labels)
+            assert np.allclose(got.scores, want.scores) and np.allclose(got.boxes, want.boxes, atol=1e-4)
+    unbiased = OperatingPoint(0.5, 0.3)
+    assert unbiased.detector_cut() is unbiased

@@ -3,7 +3,12 @@ stratified by class, or leave one source (annotation file, i.e. acquisition) out
 training run in ``<out>/fold<i>/`` on data prepared with ``data.prepare.fold`` (its test split is the
 held-out fold, train and val are split from the rest): it trains in the one loop (``fit``, which
 also picks its checkpoint on val), chooses its operating point by a sweep on its own val split, and
-scores the held-out fold once at that point. Nothing is chosen on a held-out fold."""
+scores the held-out fold once at that point. Nothing is chosen on a held-out fold.
+
+``crossval.calibration.images`` > 0 adds what a lab could do on a new scanner: label a few of its
+images and re-choose the operating point, class bias included, on them (``calibrate_fold``). The
+figures then come from the held-out fold's other images only, beside the val-chosen point's on the
+same images."""
 
 from __future__ import annotations
 
@@ -15,15 +20,17 @@ import time
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from leukodet.data.catalog import get_metadata, split_name
-from leukodet.engine.evaluate import cached_raw_predictions, load_detector, score_split, sweep_split
+from leukodet.data.catalog import get_metadata, register_datasets, split_name
+from leukodet.engine.evaluate import bias_class, cached_raw_predictions, load_detector, score_split, sweep_split
 from leukodet.engine.train import RunConfigError, config_differences, fit
+from leukodet.evaluation.metrics import evaluate
 from leukodet.evaluation.sweep import sweep
 from leukodet.io import atomic_write_text
-from leukodet.structures import OperatingPoint
+from leukodet.structures import OperatingPoint, refilter
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -41,7 +48,8 @@ def fold_count(cfg: DictConfig) -> int:
 def fold_config(cfg: DictConfig, index: int, fold_dir: Path) -> DictConfig:
     """The training config of fold ``index``: its own dataset name (catalog) and prepared splits in
     ``fold_dir``, whose test split is the held-out fold. ``crossval.folds`` (which folds this process
-    runs) is dropped: it is not part of what a fold is."""
+    runs) and ``crossval.calibration`` (an analysis of the finished fold) are dropped: they are not
+    part of what a fold is."""
     fold = copy.deepcopy(cfg)
     with open_dict(fold):
         k = None if cfg.crossval.by == "source" else int(cfg.crossval.k)
@@ -51,6 +59,7 @@ def fold_config(cfg: DictConfig, index: int, fold_dir: Path) -> DictConfig:
         fold.train.run_dir = str(fold_dir)
         fold.eval.split = "test"
         fold.crossval.pop("folds")
+        fold.crossval.pop("calibration", None)
     return fold
 
 
@@ -108,11 +117,77 @@ def run_fold(cfg: DictConfig, index: int, out_dir: Path) -> dict:
     return row
 
 
+def calibration_draws(records: list[dict], n: int, draws: int, seed: int, fold: int) -> list[np.ndarray]:
+    """``draws`` random sets of ``n`` image indices of ``records`` (fixed by seed and fold)."""
+    if not 0 < n < len(records):
+        raise ValueError(f"crossval.calibration.images={n}: give 1..{len(records) - 1} (fold {fold} holds out "
+                         f"{len(records)} images; the rest are scored)")
+    rng = np.random.default_rng([seed, fold])
+    return [np.sort(rng.choice(len(records), n, replace=False)) for _ in range(draws)]
+
+
+def first(value: float, grid) -> list[float]:
+    """``grid`` with ``value`` moved (or added) to the front."""
+    return [float(value)] + [float(v) for v in grid if float(v) != float(value)]
+
+
+def calibrate_fold(cfg: DictConfig, index: int, out_dir: Path, row: dict) -> dict:
+    """A finished fold recalibrated on ``crossval.calibration.images`` labelled images of its held-out
+    fold: for each draw, the point (class bias, min confidence, NMS) with the best ``eval.sweep_metric``
+    on them, scored on the other held-out images, with the val-chosen point (``row``) on those same
+    images for comparison. Returns the fold's row of means over the draws; writes every draw to
+    ``fold<i>/calibrated<n>.csv``."""
+    settings = cfg.crossval.calibration
+    fold_dir = out_dir / f"fold{index}"
+    fold_cfg = fold_config(cfg, index, fold_dir)
+    register_datasets(fold_cfg.data)
+    checkpoint = fold_dir / "checkpoints" / row["best_checkpoint"]
+    records, raw = cached_raw_predictions(fold_cfg, load_detector(checkpoint), checkpoint, "test")
+    classes = get_metadata(split_name(fold_cfg.data.name, "test"))["thing_classes"]
+    max_detections = int(fold_cfg.eval.max_detections)
+    val_point = OperatingPoint(row["min_confidence"], row["nms"], max_detections)
+    iou, share_class = fold_cfg.eval.iou_threshold, fold_cfg.eval.get("share_class")
+    draws = []
+    chosen_sets = calibration_draws(records, int(settings.images), int(settings.draws), int(cfg.seed), index)
+    for draw, chosen in enumerate(chosen_sets):
+        rest = np.setdiff1d(np.arange(len(records)), chosen)
+        # a few images tie often: the sweep keeps the first best in grid order, so the val-chosen
+        # point (no bias, its min confidence and NMS) comes first and wins its ties
+        _, best = sweep([records[i] for i in chosen], [raw[i] for i in chosen], classes,
+                        first(val_point.min_confidence, fold_cfg.eval.sweep_min_confidence),
+                        first(val_point.nms, fold_cfg.eval.sweep_nms), max_detections, fold_cfg.eval.sweep_metric,
+                        iou_threshold=iou, class_biases=first(0.0, settings.class_bias),
+                        bias_class=bias_class(fold_cfg, classes))
+        point = OperatingPoint(best["min_confidence"], best["nms"], max_detections,
+                               class_bias=tuple(best["class_bias"]))
+        scored = {}
+        for name, at in (("calibrated", point), ("val_point", val_point)):
+            result = evaluate([records[i] for i in rest], [refilter(raw[i], at.scored()) for i in rest], classes,
+                              min_confidence=at.min_confidence, iou_threshold=iou, share_class=share_class).summary()
+            scored.update({f"{name}_{key}": value for key, value in result.items()
+                           if key in CALIBRATED_FIGURES or key.startswith("count_mae_")})
+        draws.append({"fold": index, "draw": draw, "images": " ".join(str(i) for i in chosen),
+                      "class_bias": max(best["class_bias"], key=abs), "min_confidence": best["min_confidence"],
+                      "nms": best["nms"], f"calibration_{best['metric']}": best["value"], **scored})
+    table = pd.DataFrame(draws)
+    atomic_write_text(fold_dir / f"calibrated{settings.images}.csv", table.to_csv(index=False))
+    means = table.drop(columns=["draw", "images"]).mean(numeric_only=True).to_dict()
+    return {**means, "fold": index, "calibration_images": int(settings.images), "draws": len(table),
+            "scored_images": len(records) - int(settings.images),
+            "calibrated_f1_sd_draws": table.calibrated_f1.std(ddof=1)}
+
+
+# What a recalibrated fold reports (and count MAE per class), at its calibrated and its val-chosen point
+CALIBRATED_FIGURES = ("f1", "precision", "recall", "detection_f1", "share_mae", "ap50_segm", "ap50_bbox")
+
+
 def headline_columns(table: pd.DataFrame) -> list[str]:
     """The figures cross-validation reports: AP50, F1 at the chosen point, best F1, count MAE per class
-    and the share error."""
-    wanted = ["ap50_segm", "ap50_bbox", "f1", "precision", "recall", "best_f1", "detection_f1", "share_mae"]
-    wanted += sorted(c for c in table.columns if c.startswith("count_mae_"))
+    and the share error (for recalibrated folds each at the calibrated and at the val-chosen point)."""
+    prefixes = ("calibrated_", "val_point_") if "calibration_images" in table else ("",)
+    figures = ["ap50_segm", "ap50_bbox", "f1", "precision", "recall", "best_f1", "detection_f1", "share_mae"]
+    figures += sorted(c[len(prefixes[0]):] for c in table.columns if c.startswith(f"{prefixes[0]}count_mae_"))
+    wanted = [f"{prefix}{figure}" for figure in figures for prefix in prefixes]
     return [c for c in wanted if c in table and table[c].notna().any()]
 
 
@@ -144,7 +219,8 @@ def plot_folds(table: pd.DataFrame, summary: pd.DataFrame, path: Path) -> Path:
 def cross_validate(cfg: DictConfig, out_dir: str | Path) -> pd.DataFrame:
     """Run ``crossval.folds`` (null: every fold) in ``out_dir``, then write ``folds.csv`` (a row per
     finished fold, those of other processes included), ``crossval_summary.csv`` (mean, sd, folds) and
-    ``folds.png``, and log both tables. Returns the summary."""
+    ``folds.png``, and log both tables; with ``crossval.calibration.images`` = n > 0, the recalibrated
+    folds' ``folds_calibrated<n>.csv`` etc. instead. Returns the summary."""
     out_dir = Path(out_dir)
     k = fold_count(cfg)
     wanted = list(range(k)) if cfg.crossval.folds is None else [int(i) for i in cfg.crossval.folds]
@@ -155,13 +231,19 @@ def cross_validate(cfg: DictConfig, out_dir: str | Path) -> pd.DataFrame:
         logger.info("fold %d of %d (%s)", index, k, out_dir / f"fold{index}")
         run_fold(cfg, index, out_dir)
     rows = [json.loads(p.read_text()) for i in range(k) if (p := out_dir / f"fold{i}" / FOLD_RESULT).is_file()]
+    calibration = int(cfg.crossval.get("calibration", {}).get("images", 0))
+    suffix = f"_calibrated{calibration}" if calibration else ""
+    if calibration:
+        rows = [calibrate_fold(cfg, row["fold"], out_dir, row) for row in rows]
     table = pd.DataFrame(rows)
     summary = summarize(table)
-    atomic_write_text(out_dir / "folds.csv", table.to_csv(index=False))
-    atomic_write_text(out_dir / "crossval_summary.csv", summary.to_csv(index=False))
-    plot_folds(table, summary, out_dir / "folds.png")
-    shown = ["fold", "test_images", "min_confidence", "nms", *headline_columns(table)]
+    atomic_write_text(out_dir / f"folds{suffix}.csv", table.to_csv(index=False))
+    atomic_write_text(out_dir / f"crossval_summary{suffix}.csv", summary.to_csv(index=False))
+    plot_folds(table, summary, out_dir / f"folds{suffix}.png")
+    point = ["calibration_images", "scored_images", "class_bias"] if calibration else ["test_images"]
+    shown = ["fold", *point, "min_confidence", "nms", *headline_columns(table)]
     means = "\n".join(f"{r.metric}: {r['mean']:.3f} +- {r.sd:.3f} ({r.folds} folds)" for _, r in summary.iterrows())
-    logger.info("%d of %d folds finished (%s, seed %s, %s steps)\n%s\n%s", len(table), k, cfg.crossval.by, cfg.seed,
-                cfg.train.max_steps, table[shown].to_string(index=False, float_format=lambda v: f"{v:.3f}"), means)
+    logger.info("%d of %d folds finished (%s, seed %s, %s steps%s)\n%s\n%s", len(table), k, cfg.crossval.by, cfg.seed,
+                cfg.train.max_steps, f"; recalibrated on {calibration} held-out images, means of the draws"
+                if calibration else "", table[shown].to_string(index=False, float_format=lambda v: f"{v:.3f}"), means)
     return summary

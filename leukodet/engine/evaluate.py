@@ -20,7 +20,7 @@ from leukodet.engine.data import make_loader
 from leukodet.engine.module import DetectionModule
 from leukodet.engine.predictor import predict_loader
 from leukodet.evaluation.counts import CountTable, count_table
-from leukodet.evaluation.metrics import EvaluationResult, evaluate
+from leukodet.evaluation.metrics import EvaluationResult, evaluate, resolve_share_class
 from leukodet.evaluation.report import format_table, format_touching, save_report
 from leukodet.report import write_gallery, write_run_report
 from leukodet.evaluation.sweep import cache_key, load_raw, load_thresholds, plot_heatmap, save_raw, save_thresholds, sweep
@@ -32,7 +32,7 @@ from leukodet.viz import draw_predictions, write_rgb
 
 logger = logging.getLogger(__name__)
 
-POINT_KEYS = ("min_confidence", "nms", "max_detections")
+POINT_KEYS = ("min_confidence", "nms", "max_detections", "class_bias")
 
 
 class CheckpointError(ValueError):
@@ -111,9 +111,10 @@ def operating_point(run_cfg: DictConfig) -> OperatingPoint:
             values[key], source = run_cfg.eval[key], "training run's eval"
         else:
             values[key], source = getattr(OperatingPoint(), key), "default"
-        sources.append(f"{key} from {source}")
+        if source != "default" or key != "class_bias":  # no bias is not worth a word
+            sources.append(f"{key} from {source}")
     return OperatingPoint(float(values["min_confidence"]), float(values["nms"]), int(values["max_detections"]),
-                          "; ".join(sources))
+                          "; ".join(sources), tuple(float(b) for b in values["class_bias"]))
 
 
 def predict_split(cfg: DictConfig, module: DetectionModule, records: list[dict], prefilter: OperatingPoint,
@@ -185,27 +186,37 @@ def score_split(cfg: DictConfig, module: DetectionModule, checkpoint: str | Path
 CHOOSING_SPLITS = ("train", "val")
 
 
+def bias_class(cfg: DictConfig, classes: Sequence[str]) -> int:
+    """The class a sweep's ``class_bias`` values move: ``eval.share_class`` (default the first)."""
+    share_class = resolve_share_class(cfg.eval.get("share_class"), classes)
+    return classes.index(share_class) if share_class else 0
+
+
 def sweep_split(cfg: DictConfig, module: DetectionModule, checkpoint: str | Path, split: str, out_dir: Path,
                 max_detections: int):
-    """Every point of the ``eval.sweep_*`` grid from the cached raw predictions; writes
-    ``sweep_<split>.csv``, a heatmap and ``thresholds.json`` (the best point, and the split it was
-    chosen on) beside the checkpoint. Choosing on another split than train or val warns."""
+    """Every point of the ``eval.sweep_*`` grid (the class bias on ``eval.share_class``) from the
+    cached raw predictions; writes ``sweep_<split>.csv``, a heatmap at the best bias and
+    ``thresholds.json`` (the best point, and the split it was chosen on) beside the checkpoint.
+    Choosing on another split than train or val warns."""
     name = split_name(cfg.data.name, split)
     if split not in CHOOSING_SPLITS:
         logger.warning("choosing the operating point on the %r split: figures scored on it afterwards are a best "
                        "case, not a measurement; choose on val (the default) or by cross-validation", split)
     records, raw = cached_raw_predictions(cfg, module, checkpoint, split)
     metric = cfg.eval.sweep_metric
-    table, best = sweep(records, raw, get_metadata(name)["thing_classes"], list(cfg.eval.sweep_min_confidence),
-                        list(cfg.eval.sweep_nms), max_detections, metric, iou_threshold=cfg.eval.iou_threshold)
+    classes = get_metadata(name)["thing_classes"]
+    table, best = sweep(records, raw, classes, list(cfg.eval.sweep_min_confidence), list(cfg.eval.sweep_nms),
+                        max_detections, metric, iou_threshold=cfg.eval.iou_threshold,
+                        class_biases=list(cfg.eval.sweep_class_bias), bias_class=bias_class(cfg, classes))
     atomic_write_text(out_dir / f"sweep_{split}.csv", table.to_csv(index=False))
-    plot_heatmap(table, metric, out_dir / f"sweep_{split}_{metric}.png")
+    plot_heatmap(table, metric, out_dir / f"sweep_{split}_{metric}.png", max(best["class_bias"], key=abs))
     thresholds = save_thresholds(Path(checkpoint).parent / "thresholds.json",
                                  {**best, "max_detections": max_detections, "split": split})
-    columns = ["min_confidence", "nms", "precision", "recall", "f1", "ap50_segm" if "ap50_segm" in table else "ap50_bbox"]
-    logger.info("%s\nbest %s = %.4f at min confidence %s, NMS %s; saved %s",
+    columns = ["class_bias", "min_confidence", "nms", "precision", "recall", "f1",
+               "ap50_segm" if "ap50_segm" in table else "ap50_bbox"]
+    logger.info("%s\nbest %s = %.4f at min confidence %s, NMS %s, class bias %s; saved %s",
                 table[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}"), metric, best["value"],
-                best["min_confidence"], best["nms"], thresholds)
+                best["min_confidence"], best["nms"], best["class_bias"], thresholds)
     return table, best
 
 
@@ -239,7 +250,7 @@ def count_table_checkpoint(cfg: DictConfig, out_dir: str | Path) -> CountTable:
     point = operating_point(cfg)
     records, raw = cached_raw_predictions(cfg, load_detector(cfg.ckpt), cfg.ckpt, split)
     table = count_table(records, raw, get_metadata(name)["thing_classes"], list(cfg.eval.count_min_confidence),
-                        point.nms, point.max_detections, cfg.eval.iou_threshold)
+                        point.nms, point.max_detections, cfg.eval.iou_threshold, class_bias=point.class_bias)
     atomic_write_text(out_dir / f"count_table_{split}.csv", table.per_image.to_csv(index=False))
     atomic_write_text(out_dir / f"count_summary_{split}.csv", table.summary.to_csv(index=False))
     logger.info("%s: %d images, count accuracy = min(segmented, true) / true, NMS %g\n%s", name, len(records),

@@ -7,14 +7,17 @@ from collections.abc import Iterable, Iterator
 import torch
 from tqdm import tqdm
 
-from leukodet.structures import RAW, ImagePredictions, OperatingPoint, to_original
+from leukodet.structures import RAW, ImagePredictions, OperatingPoint, refilter, to_original
 
 
 def predict_original(adapter, batch: list[dict], prefilter: OperatingPoint = RAW) -> list[ImagePredictions]:
-    """Predict one batch (cut at ``prefilter``) and move each image's detections back to its file's pixels."""
-    detections = adapter.predict(batch, prefilter)
-    return [to_original(det, sample["scale"], (sample["orig_width"], sample["orig_height"]))
-            for det, sample in zip(detections, batch)]
+    """Predict one batch (cut at ``prefilter``) and move each image's detections back to its file's
+    pixels. A detector knows no class bias: it cuts at ``prefilter.detector_cut()`` and the bias
+    and cut are applied here."""
+    cut = prefilter.detector_cut()
+    detections = [to_original(det, sample["scale"], (sample["orig_width"], sample["orig_height"]))
+                  for det, sample in zip(adapter.predict(batch, cut), batch)]
+    return detections if cut is prefilter else [refilter(d, prefilter) for d in detections]
 
 
 def predict_loader(adapter, loader: Iterable[list[dict]], prefilter: OperatingPoint = RAW,

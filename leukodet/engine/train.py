@@ -59,13 +59,19 @@ def best_metric_mode(metric: str) -> str:
 
 def trained_point(cfg: DictConfig) -> OperatingPoint:
     """The operating point a training run validates and is tested at: its own ``eval``."""
-    return OperatingPoint(cfg.eval.min_confidence, cfg.eval.nms, cfg.eval.max_detections, "training run's eval")
+    return OperatingPoint(cfg.eval.min_confidence, cfg.eval.nms, cfg.eval.max_detections, "training run's eval",
+                          tuple(cfg.eval.get("class_bias") or ()))
 
 
 # What may change when a run resumes: how long it runs, where, on what hardware and how it is fed,
 # and what other tools read (paths, infer, ...). Anything else would make one run of two.
 RESUME_MAY_CHANGE = ("train.max_steps", "train.run_dir", "train.resume", "train.num_workers", "train.devices",
                      "train.accelerator", "train.strategy", "paths", "infer", "ckpt", "input", "split", "sweep")
+
+
+# Keys added to the config after runs were saved, with the value that reproduces what those runs
+# did: a saved config.yaml without one reads as having it, so older runs still resume.
+ADDED_KEYS = {"eval.class_bias": None, "eval.sweep_class_bias": [0.0]}
 
 
 class RunConfigError(ValueError):
@@ -90,8 +96,9 @@ def flat_config(cfg: Any) -> dict[str, Any]:
 
 
 def config_differences(saved: Any, given: Any) -> list[str]:
-    """The keys (outside ``RESUME_MAY_CHANGE``) whose values differ between two configs."""
-    before, now = flat_config(saved), flat_config(given)
+    """The keys (outside ``RESUME_MAY_CHANGE``) whose values differ between two configs (``saved``
+    read with ``ADDED_KEYS`` where it lacks them)."""
+    before, now = {**ADDED_KEYS, **flat_config(saved)}, flat_config(given)
     missing = object()
     return sorted(key for key in before.keys() | now.keys()
                   if not any(key == k or key.startswith(f"{k}.") for k in RESUME_MAY_CHANGE)

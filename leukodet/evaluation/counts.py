@@ -55,9 +55,9 @@ def image_names(dataset_dicts: Sequence[dict]) -> list[str]:
 def count_table(dataset_dicts: Sequence[dict], raw: Sequence, class_names: Sequence[str],
                 min_confidences: Sequence[float] = (0.7, 0.8, 0.9), nms: float = 0.5, max_detections: int = 300,
                 iou_threshold: float = 0.5, iou_type: str | None = None, cache_floor: float = RAW_SCORE_FLOOR,
-                cache_cap: int = RAW_MAX_DETECTIONS) -> CountTable:
+                cache_cap: int = RAW_MAX_DETECTIONS, class_bias: tuple[float, ...] = ()) -> CountTable:
     """Score ``raw`` (cached raw predictions, one per dataset dict) re-filtered at each min
-    confidence (and ``nms``, ``max_detections``) with one ``Evaluator``: every figure is what
+    confidence (and ``nms``, ``max_detections``, ``class_bias``) with one ``Evaluator``: every figure is what
     ``evaluate`` gives at that point. Images with no true cell have no accuracy (NaN) and are left
     out of the mean accuracy, as in ``count_accuracy``."""
     if not min_confidences:
@@ -69,7 +69,8 @@ def count_table(dataset_dicts: Sequence[dict], raw: Sequence, class_names: Seque
     columns = {"image": image_names(dataset_dicts), "true": true}
     summary = []
     for min_confidence in min_confidences:
-        result = evaluator([refilter(r, OperatingPoint(min_confidence, nms, max_detections)) for r in raw], iou_type)
+        point = OperatingPoint(min_confidence, nms, max_detections, class_bias=class_bias)
+        result = evaluator([refilter(r, point) for r in raw], iou_type)
         segmented = result.per_image[[f"pred_{name}" for name in class_names]].to_numpy().sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             accuracy = np.where(true > 0, np.minimum(segmented, true) / true, np.nan)

@@ -105,36 +105,44 @@ def binding_warnings(min_confidences: Sequence[float], cache_floor: float, cache
 def sweep(dataset_dicts: Sequence[dict], raw: Sequence, class_names: Sequence[str],
           min_confidences: Sequence[float], nms_values: Sequence[float], max_detections: int = 300,
           metric: str = "f1", cache_floor: float = RAW_SCORE_FLOOR, cache_cap: int = RAW_MAX_DETECTIONS,
-          iou_type: str | None = None, iou_threshold: float = 0.5) -> tuple[pd.DataFrame, dict]:
-    """Evaluate every (min confidence, NMS) point from the raw predictions (ImagePredictions or
-    Detections-like, one per dataset dict). Returns the table (one row per point, the evaluator's
-    summary as columns) and the best point by ``metric`` (a ``METRICS`` name; the first in grid
-    order on ties)."""
+          iou_type: str | None = None, iou_threshold: float = 0.5, class_biases: Sequence[float] = (0.0,),
+          bias_class: int = 0) -> tuple[pd.DataFrame, dict]:
+    """Evaluate every (class bias, min confidence, NMS) point from the raw predictions
+    (ImagePredictions or Detections-like, one per dataset dict); a bias is the logit added to the
+    scores of class ``bias_class`` (the others get none). Returns the table (one row per point, the
+    evaluator's summary as columns) and the best point by ``metric`` (a ``METRICS`` name; the first in
+    grid order on ties, so list bias 0 first to prefer the model's own boundary), with its
+    ``class_bias`` for every class."""
     chosen = METRICS.get(metric)
     evaluator = Evaluator(dataset_dicts, class_names, iou_threshold)
     raw = to_rle_predictions(raw, dataset_dicts)
     binding_warnings(min_confidences, cache_floor, cache_cap, raw)
     rows = []
     floor = scoring_floor(min(min_confidences), cache_floor)
-    for nms in nms_values:
-        # the detector's NMS and cap commute with a higher score cut: filter once per NMS, and let
-        # the evaluator apply each min confidence (AP is scored over all scores, see Evaluator)
-        scored = [refilter(r, OperatingPoint(floor, nms, max_detections)) for r in raw]
-        for min_confidence in min_confidences:
-            result = evaluator(scored, iou_type, min_confidence)
-            rows.append({"min_confidence": min_confidence, "nms": nms, **result.summary()})
+    for bias in class_biases:
+        class_bias = tuple(float(bias) if i == bias_class else 0.0 for i in range(len(class_names)))
+        for nms in nms_values:
+            # the detector's NMS and cap commute with a higher score cut: filter once per NMS, and let
+            # the evaluator apply each min confidence (AP is scored over all scores, see Evaluator)
+            scored = [refilter(r, OperatingPoint(floor, nms, max_detections, class_bias=class_bias)) for r in raw]
+            for min_confidence in min_confidences:
+                result = evaluator(scored, iou_type, min_confidence)
+                rows.append({"class_bias": float(bias), "min_confidence": min_confidence, "nms": nms,
+                             **result.summary()})
     table = pd.DataFrame(rows)
     if chosen.key not in table:
         raise KeyError(f"metric {metric!r} is not computed for this data; "
-                       f"choose one of: {', '.join(table.columns[2:])}")
+                       f"choose one of: {', '.join(table.columns[3:])}")
     values = table[chosen.key]
     best = values.fillna(-np.inf).idxmax() if chosen.higher_is_better else values.fillna(np.inf).idxmin()
+    best_bias = float(table.class_bias[best])
     return table, {"min_confidence": float(table.min_confidence[best]), "nms": float(table.nms[best]),
+                   "class_bias": [best_bias if i == bias_class else 0.0 for i in range(len(class_names))],
                    "metric": metric, "value": float(values[best])}
 
 
 def save_thresholds(path: str | Path, best: dict) -> Path:
-    """``thresholds.json`` (``sweep``'s best point: min_confidence, nms, metric, value, plus any
+    """``thresholds.json`` (``sweep``'s best point: min_confidence, nms, class_bias, metric, value, plus any
     notes such as the split) beside the checkpoint; inference uses it unless told otherwise."""
     return atomic_write_text(path, json.dumps(best, indent=2))
 
@@ -145,8 +153,10 @@ def load_thresholds(path: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def plot_heatmap(table: pd.DataFrame, metric: str, path: str | Path) -> Path:
-    """The sweep's ``metric`` over NMS (rows) x min confidence (columns), as a PNG."""
-    grid = table.pivot(index="nms", columns="min_confidence", values=metric)
-    return plot_grid(grid.values, grid.index, grid.columns, path, title=metric, xlabel="min confidence",
+def plot_heatmap(table: pd.DataFrame, metric: str, path: str | Path, class_bias: float = 0.0) -> Path:
+    """The sweep's ``metric`` over NMS (rows) x min confidence (columns) at one class bias, as a PNG."""
+    rows = table[table.class_bias == class_bias] if "class_bias" in table else table
+    grid = rows.pivot(index="nms", columns="min_confidence", values=metric)
+    title = metric if class_bias == 0 else f"{metric} at class bias {class_bias:g}"
+    return plot_grid(grid.values, grid.index, grid.columns, path, title=title, xlabel="min confidence",
                      ylabel="NMS IoU", cmap="viridis", number_format="{:.3f}")

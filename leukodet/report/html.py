@@ -117,7 +117,8 @@ def operating_point(eval_settings: dict, gallery_rows: Sequence[dict],
     has it (an ``OperatingPoint``), else the eval settings, corrected by the min confidence the
     gallery was drawn at."""
     if point is not None:
-        values = {"min confidence": point.min_confidence, "NMS": point.nms, "max detections": point.max_detections}
+        values = {"min confidence": point.min_confidence, "NMS": point.nms, "max detections": point.max_detections,
+                  **({"class bias (logits)": list(point.class_bias)} if any(point.class_bias) else {})}
         source = point.source
     else:
         values = {"min confidence": eval_settings.get("min_confidence"), "NMS": eval_settings.get("nms"),
@@ -351,7 +352,9 @@ def write_inference_report(out_dir: str | os.PathLike) -> Path:
                ("input", settings.get("input", "?")), ("model", settings.get("model", "?")),
                ("checkpoint", settings.get("checkpoint", "?")), ("classes", ", ".join(settings.get("classes", [])))]
     point = [("min confidence", str(settings.get("min_confidence"))), ("NMS", str(settings.get("nms"))),
-             ("max detections", str(settings.get("max_detections"))), ("from", settings.get("thresholds_from", "?"))]
+             ("max detections", str(settings.get("max_detections"))),
+             *([("class bias (logits)", str(settings["class_bias"]))] if settings.get("class_bias") else []),
+             ("from", settings.get("thresholds_from", "?"))]
     return render("inference.html.j2", out_dir / REPORT_NAME, out_dir=str(out_dir.resolve()), summary=summary,
                   operating_point=point, timing=timing(out_dir), folders=folder_info, images=images,
                   errors=errors[:MAX_ERRORS_SHOWN], errors_total=len(errors), research_note=RESEARCH_NOTE,

@@ -205,6 +205,7 @@ def run_inference(cfg: DictConfig, out_dir: str | os.PathLike) -> InferenceSumma
         "model": run_cfg.model.name, "backend": backend.value, "classes": class_names,
         "rpn_proposals": proposals, "flip_tta": bool(run_cfg.eval.get("flip_tta")),
         "min_confidence": point.min_confidence, "nms": point.nms, "max_detections": point.max_detections,
+        "class_bias": list(point.class_bias) if any(point.class_bias) else None,  # None: as folders made before it
         "thresholds_from": point.source, "preprocess": OmegaConf.to_container(run_cfg.preprocess, resolve=True),
         "input": str(root.resolve())})
     store = RecordStore(out_dir, root)

@@ -22,7 +22,8 @@ class RunSettings:
 
     # compared before any record is reused: the checkpoint by content (a model retrained at the
     # same path is another model), the input by its resolved path (two folders named ``images``)
-    KEYS = ("checkpoint_sha256", "backend", "rpn_proposals", "flip_tta", "classes", "min_confidence", "nms", "max_detections", "preprocess", "input")
+    KEYS = ("checkpoint_sha256", "backend", "rpn_proposals", "flip_tta", "classes", "min_confidence", "nms",
+            "max_detections", "class_bias", "preprocess", "input")
 
     def __init__(self, out_dir: Path, settings: dict):
         self.path = out_dir / "run.json"
