@@ -142,10 +142,34 @@ def test_recalibration_on_held_out_images_reuses_the_folds_and_scores_the_rest(c
     assert summary.loc["calibrated_f1", "mean"] == pytest.approx(table.calibrated_f1.mean())
     for index in range(K):
         draws = pd.read_csv(out / f"fold{index}" / "calibrated3.csv")
-        chosen = [[int(i) for i in images.split()] for images in draws.images]
+        chosen = [[int(i) for i in indices.split()] for indices in draws.test_indices]
         assert len(draws) == 2 and all(len(set(c)) == 3 and max(c) < 8 for c in chosen)
         assert draws.class_bias.isin([0.0, -1.0, 1.0, -2.0, 2.0, 3.0, 4.0, 5.0, 6.0]).all()
     assert pd.read_csv(out / "folds.csv").fold.tolist() == [0, 1, 2]  # the uncalibrated results stay
     refused = subprocess.run(command + ["crossval.calibration.images=8"], cwd=REPO, capture_output=True, text=True,
                              timeout=600)
     assert refused.returncode != 0 and "crossval.calibration.images=8: give 1..7" in refused.stderr
+
+
+def test_a_new_scanners_labelled_images_choose_the_point_and_bias(crossval_run, tmp_path):
+    """README, Operating point: a sweep on another labelled dataset (data_from=command) writes the
+    bias into thresholds.json; data with other classes is refused by name."""
+    from leukodet.engine.evaluate import CheckpointError, evaluate_checkpoint
+
+    out, _, _ = crossval_run
+    checkpoint = out / "fold2" / "checkpoints" / "best.ckpt"
+    scanner = [f"ckpt={checkpoint}", "data_from=command", "data.name=scanner2", f"data.root={tmp_path / 'scanner2'}",
+               "data.generate.n_images=8", "data.generate.seed=7", "+data.generate.width=256",
+               "+data.generate.height=192", f"paths.output_dir={tmp_path / 'out'}"]
+    grid = ["sweep=true", "split=train", "eval.sweep_min_confidence=[0.05,0.3]", "eval.sweep_nms=[0.5]",
+            "eval.sweep_class_bias=[0,-3,3]"]
+    table, best = evaluate_checkpoint(compose(*scanner, *grid, config_name="checkpoint"), tmp_path)
+    assert sorted(set(table.class_bias)) == [-3.0, 0.0, 3.0] and len(table) == 6
+    saved = json.loads((checkpoint.parent / "thresholds.json").read_text())
+    assert saved["split"] == "train" and len(saved["class_bias"]) == 2 and saved["class_bias"][1] == 0.0
+    assert (tmp_path / "scanner2" / "prepared" / "train.json").is_file()  # the new data, not the fold's
+    with pytest.raises(CheckpointError, match=r"trained on classes \['lymphoblast', 'non_lymphoblast'\]"):
+        evaluate_checkpoint(compose(f"ckpt={checkpoint}", "data_from=command", "data=sample_rbc",
+                                    f"data.root={tmp_path / 'rbc'}", "data.generate.n_images=4",
+                                    f"paths.output_dir={tmp_path / 'out'}", "split=train", config_name="checkpoint"),
+                            tmp_path)

@@ -136,7 +136,8 @@ def calibrate_fold(cfg: DictConfig, index: int, out_dir: Path, row: dict) -> dic
     fold: for each draw, the point (class bias, min confidence, NMS) with the best ``eval.sweep_metric``
     on them, scored on the other held-out images, with the val-chosen point (``row``) on those same
     images for comparison. Returns the fold's row of means over the draws; writes every draw to
-    ``fold<i>/calibrated<n>.csv``."""
+    ``fold<i>/calibrated<n>.csv`` (``test_indices``: its calibration images, indices into the fold's
+    test split)."""
     settings = cfg.crossval.calibration
     fold_dir = out_dir / f"fold{index}"
     fold_cfg = fold_config(cfg, index, fold_dir)
@@ -166,12 +167,12 @@ def calibrate_fold(cfg: DictConfig, index: int, out_dir: Path, row: dict) -> dic
                               min_confidence=at.min_confidence, iou_threshold=iou, share_class=share_class).summary()
             scored.update({f"{name}_{key}": value for key, value in result.items()
                            if key in CALIBRATED_FIGURES or key.startswith("count_mae_")})
-        draws.append({"fold": index, "draw": draw, "images": " ".join(str(i) for i in chosen),
+        draws.append({"fold": index, "draw": draw, "test_indices": " ".join(str(i) for i in chosen),
                       "class_bias": max(best["class_bias"], key=abs), "min_confidence": best["min_confidence"],
                       "nms": best["nms"], f"calibration_{best['metric']}": best["value"], **scored})
     table = pd.DataFrame(draws)
     atomic_write_text(fold_dir / f"calibrated{settings.images}.csv", table.to_csv(index=False))
-    means = table.drop(columns=["draw", "images"]).mean(numeric_only=True).to_dict()
+    means = table.drop(columns=["draw", "test_indices"]).mean(numeric_only=True).to_dict()
     return {**means, "fold": index, "calibration_images": int(settings.images), "draws": len(table),
             "scored_images": len(records) - int(settings.images),
             "calibrated_f1_sd_draws": table.calibrated_f1.std(ddof=1)}

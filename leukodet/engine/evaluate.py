@@ -73,7 +73,8 @@ def run_config(cfg: DictConfig) -> DictConfig:
     """The checkpoint's training config (data, preprocessing, model, eval) with what this command
     sets: paths, ckpt, split, sweep, infer, loader settings, and the ``eval`` keys it gives a value
     (the checkpoint tools compose ``eval.min_confidence`` / ``nms`` / ``max_detections`` as null, so
-    a value there came from the command line). Preprocessing can never differ from training."""
+    a value there came from the command line); with ``data_from=command`` its ``data`` too.
+    Preprocessing can never differ from training."""
     if not cfg.get("ckpt"):
         raise CheckpointError("ckpt=... is required: a checkpoint inside a leukodet run directory")
     checkpoint = Path(cfg.ckpt)
@@ -92,6 +93,10 @@ def run_config(cfg: DictConfig) -> DictConfig:
     if "input" in cfg:
         given["input"] = cfg.input
     merged = OmegaConf.merge(trained, given)
+    if cfg.get("data_from", "run") == "command":
+        merged.data = cfg.data  # whole: none of the run's own data keys (sources, splits) carry over
+    elif cfg.get("data_from", "run") != "run":
+        raise CheckpointError(f"data_from={cfg.data_from}: give run (the checkpoint's own data) or command")
     # what this command gave, apart from the run's own values: operating_point() ranks them
     OmegaConf.update(merged, "command_point", {k: given_eval.get(k) for k in POINT_KEYS}, force_add=True)
     return merged
@@ -127,6 +132,15 @@ def predict_split(cfg: DictConfig, module: DetectionModule, records: list[dict],
 def with_tta(cfg: DictConfig, detector):
     """``detector``, with horizontal-flip test-time augmentation when ``eval.flip_tta`` is set."""
     return FlipTTA(detector) if cfg.eval.get("flip_tta") else detector
+
+
+def require_trained_classes(cfg: DictConfig, module: DetectionModule, split: str) -> None:
+    """Refuses to score a split whose classes are not the checkpoint's (``data_from=command``)."""
+    name = split_name(cfg.data.name, split)
+    classes, trained = list(get_metadata(name)["thing_classes"]), list(module.hparams.class_names)
+    if classes != trained:
+        raise CheckpointError(f"{cfg.ckpt}: trained on classes {trained}, but {name} has {classes}; "
+                              "score it on data with the same classes in the same order")
 
 
 def cached_raw_predictions(cfg: DictConfig, module: DetectionModule, checkpoint: str | Path,
@@ -227,10 +241,10 @@ def evaluate_checkpoint(cfg: DictConfig, out_dir: str | Path):
     cfg = run_config(cfg)
     ensure_prepared(cfg.data)
     module = load_detector(cfg.ckpt)
+    split = cfg.split or ("val" if cfg.sweep else cfg.eval.split)
+    require_trained_classes(cfg, module, split)
     if cfg.sweep:
-        max_detections = operating_point(cfg).max_detections
-        return sweep_split(cfg, module, cfg.ckpt, cfg.split or "val", Path(out_dir), max_detections)
-    split = cfg.split or cfg.eval.split
+        return sweep_split(cfg, module, cfg.ckpt, split, Path(out_dir), operating_point(cfg).max_detections)
     point = operating_point(cfg)
     result = score_split(cfg, module, cfg.ckpt, split, point, out_dir)
     if cfg.eval.report:
@@ -248,7 +262,9 @@ def count_table_checkpoint(cfg: DictConfig, out_dir: str | Path) -> CountTable:
     split = cfg.split or cfg.eval.split
     name = split_name(cfg.data.name, split)
     point = operating_point(cfg)
-    records, raw = cached_raw_predictions(cfg, load_detector(cfg.ckpt), cfg.ckpt, split)
+    module = load_detector(cfg.ckpt)
+    require_trained_classes(cfg, module, split)
+    records, raw = cached_raw_predictions(cfg, module, cfg.ckpt, split)
     table = count_table(records, raw, get_metadata(name)["thing_classes"], list(cfg.eval.count_min_confidence),
                         point.nms, point.max_detections, cfg.eval.iou_threshold, class_bias=point.class_bias)
     atomic_write_text(out_dir / f"count_table_{split}.csv", table.per_image.to_csv(index=False))
