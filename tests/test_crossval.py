@@ -17,6 +17,7 @@ import pytest
 from conftest import REPO, compose
 
 from leukodet.data.prepare import fold_split, split_records
+from leukodet.engine.crossval import calibration_draws
 from leukodet.data.records import ImageRecord, Region
 
 K = 3
@@ -146,9 +147,17 @@ def test_recalibration_on_held_out_images_reuses_the_folds_and_scores_the_rest(c
         assert len(draws) == 2 and all(len(set(c)) == 3 and max(c) < 8 for c in chosen)
         assert draws.class_bias.isin([0.0, -1.0, 1.0, -2.0, 2.0, 3.0, 4.0, 5.0, 6.0]).all()
     assert pd.read_csv(out / "folds.csv").fold.tolist() == [0, 1, 2]  # the uncalibrated results stay
-    refused = subprocess.run(command + ["crossval.calibration.images=8"], cwd=REPO, capture_output=True, text=True,
-                             timeout=600)
-    assert refused.returncode != 0 and "crossval.calibration.images=8: give 1..7" in refused.stderr
+
+
+def test_calibration_draws_are_fixed_by_seed_and_leave_images_to_score():
+    records = [{"file_name": f"{i}.png"} for i in range(8)]
+    draws = calibration_draws(records, 3, 4, seed=0, fold=1)
+    assert [d.tolist() for d in draws] == [d.tolist() for d in calibration_draws(records, 3, 4, seed=0, fold=1)]
+    assert len({tuple(d) for d in draws}) > 1 and all(len(set(d)) == 3 and d.max() < 8 for d in draws)
+    assert [d.tolist() for d in calibration_draws(records, 3, 4, seed=0, fold=2)] != [d.tolist() for d in draws]
+    for n in (0, 8):
+        with pytest.raises(ValueError, match=f"crossval.calibration.images={n}: give 1..7"):
+            calibration_draws(records, n, 1, seed=0, fold=1)
 
 
 def test_a_new_scanners_labelled_images_choose_the_point_and_bias(crossval_run, tmp_path):
