@@ -24,7 +24,7 @@ from pycocotools import mask as mask_utils
 from conftest import REPO, compose, write_image
 from leukodet.config import input_name
 from leukodet.data.via import LabelPolicy, read_via
-from leukodet.engine.evaluate import evaluate_checkpoint, operating_point, run_config
+from leukodet.engine.evaluate import CheckpointError, evaluate_checkpoint, operating_point, require_bias_per_class, run_config
 from leukodet.engine.inference import run_inference
 from leukodet.engine.inference.discovery import discover_images
 from leukodet.engine.inference.store import RecordStore
@@ -121,6 +121,9 @@ def test_operating_point_command_line_then_thresholds_json_then_the_trained_eval
                                                              "metric": "f1", "split": "calibration"}))
     assert point().class_bias == (1.5, 0.0) and "class_bias from thresholds.json" in point().source
     assert point("eval.class_bias=[0,-1]").class_bias == (0.0, -1.0)
+    with pytest.raises(CheckpointError, match="class bias \\[2.0\\] \\(.*command line.*\\): give one value per class, "
+                                              "in this order: lymphoblast, non_lymphoblast"):
+        require_bias_per_class(point("eval.class_bias=[2]"), ["lymphoblast", "non_lymphoblast"])
 
 
 def test_folder_summary_flags_a_share_above_the_threshold(tmp_path):

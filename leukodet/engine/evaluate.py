@@ -135,12 +135,20 @@ def with_tta(cfg: DictConfig, detector):
 
 
 def require_trained_classes(cfg: DictConfig, module: DetectionModule, split: str) -> None:
-    """Refuses to score a split whose classes are not the checkpoint's (``data_from=command``)."""
+    """Refuses to score a split whose classes are not the checkpoint's (``data_from=command``), and
+    a class bias without one value per class."""
     name = split_name(cfg.data.name, split)
     classes, trained = list(get_metadata(name)["thing_classes"]), list(module.hparams.class_names)
     if classes != trained:
         raise CheckpointError(f"{cfg.ckpt}: trained on classes {trained}, but {name} has {classes}; "
                               "score it on data with the same classes in the same order")
+    require_bias_per_class(operating_point(cfg), trained)
+
+
+def require_bias_per_class(point: OperatingPoint, class_names: Sequence[str]) -> None:
+    if point.class_bias and len(point.class_bias) != len(class_names):
+        raise CheckpointError(f"class bias {list(point.class_bias)} ({point.source}): give one value per class, "
+                              f"in this order: {', '.join(class_names)}")
 
 
 def cached_raw_predictions(cfg: DictConfig, module: DetectionModule, checkpoint: str | Path,

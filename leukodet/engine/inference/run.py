@@ -28,7 +28,7 @@ from leukodet.data.catalog import class_colors
 from leukodet.data.imageio import ImageReadError, image_size, read_image
 from leukodet.data.via_export import mask_polygon
 from leukodet.engine.data import make_loader
-from leukodet.engine.evaluate import load_detector, operating_point, run_config, with_tta
+from leukodet.engine.evaluate import load_detector, operating_point, require_bias_per_class, run_config, with_tta
 from leukodet.engine.inference.discovery import discover_images, relative_name
 from leukodet.engine.inference.store import RecordStore, RunSettings, file_identity, stale_inputs_message
 from leukodet.engine.inference.writers import (CocoResults, CountsCsv, DetectionsCsv, FolderSummary, ViaProject,
@@ -199,6 +199,7 @@ def run_inference(cfg: DictConfig, out_dir: str | os.PathLike) -> InferenceSumma
     class_names = list(module.hparams.class_names)
     share_class = resolve_share_class(run_cfg.eval.get("share_class"), class_names)
     point = operating_point(run_cfg)
+    require_bias_per_class(point, class_names)
     backend = Backend(infer_cfg.backend)
     settings = RunSettings(out_dir, {
         "checkpoint": str(Path(run_cfg.ckpt).resolve()), "checkpoint_sha256": file_sha256(run_cfg.ckpt),
