@@ -102,6 +102,11 @@ def binding_warnings(min_confidences: Sequence[float], cache_floor: float, cache
     return notes
 
 
+def one_class_bias(bias: float, bias_class: int, n_classes: int) -> tuple[float, ...]:
+    """A class-bias vector that moves ``bias_class`` only."""
+    return tuple(float(bias) if i == bias_class else 0.0 for i in range(n_classes))
+
+
 def sweep(dataset_dicts: Sequence[dict], raw: Sequence, class_names: Sequence[str],
           min_confidences: Sequence[float], nms_values: Sequence[float], max_detections: int = 300,
           metric: str = "f1", cache_floor: float = RAW_SCORE_FLOOR, cache_cap: int = RAW_MAX_DETECTIONS,
@@ -120,7 +125,7 @@ def sweep(dataset_dicts: Sequence[dict], raw: Sequence, class_names: Sequence[st
     rows = []
     floor = scoring_floor(min(min_confidences), cache_floor)
     for bias in class_biases:
-        class_bias = tuple(float(bias) if i == bias_class else 0.0 for i in range(len(class_names)))
+        class_bias = one_class_bias(bias, bias_class, len(class_names))
         for nms in nms_values:
             # the detector's NMS and cap commute with a higher score cut: filter once per NMS, and let
             # the evaluator apply each min confidence (AP is scored over all scores, see Evaluator)
@@ -137,7 +142,7 @@ def sweep(dataset_dicts: Sequence[dict], raw: Sequence, class_names: Sequence[st
     best = values.fillna(-np.inf).idxmax() if chosen.higher_is_better else values.fillna(np.inf).idxmin()
     best_bias = float(table.class_bias[best])
     return table, {"min_confidence": float(table.min_confidence[best]), "nms": float(table.nms[best]),
-                   "class_bias": [best_bias if i == bias_class else 0.0 for i in range(len(class_names))],
+                   "class_bias": list(one_class_bias(best_bias, bias_class, len(class_names))),
                    "metric": metric, "value": float(values[best])}
 
 
