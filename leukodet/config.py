@@ -118,6 +118,14 @@ class InferConfig:
     # for onnxruntime set them at export: export.rpn_proposals). [200, 50] suits sparse white-cell
     # fields: same validation figures, RoI box head 2x faster (README, Inference speed)
     rpn_proposals: Optional[list[int]] = None
+    # true: every image is predicted in overlapping tiles at the cell scale the model was trained at
+    # (leukodet.engine.tiling), so a frame of many fields finds its cells as a single field does;
+    # false: the whole image squeezed to the model's input size (what checkpoints did before)
+    tiling: bool = True
+    # this folder's typical cell diameter in its file pixels (another microscope or camera); null =
+    # the training images' (the same microscope)
+    cell_diameter_px: Optional[float] = None
+    tile_overlap: float = 1.25  # tiles overlap by this many cell diameters (>= 1: a cell is whole in one)
 
 
 @dataclass

@@ -64,7 +64,8 @@ def load_detector(checkpoint: str | Path) -> DetectionModule:
     if not hparams or "state_dict" not in state:
         raise CheckpointError(f"{checkpoint}: not a leukodet training checkpoint (no hyper_parameters or state_dict); "
                               "pass a run's checkpoints/best.ckpt or last.ckpt")
-    module = DetectionModule(hparams["model_cfg"], hparams["optim_cfg"], hparams["class_names"], hparams["box_only"])
+    module = DetectionModule(hparams["model_cfg"], hparams["optim_cfg"], hparams["class_names"], hparams["box_only"],
+                             trained_scale=hparams.get("trained_scale"))
     module.load_state_dict(state["state_dict"])
     return module.to(device).eval()
 

@@ -40,11 +40,14 @@ class DetectionModule(L.LightningModule):
     """Trains an adapter (``losses``/``predict`` protocol) and validates it with the evaluator."""
 
     def __init__(self, model_cfg: Mapping[str, Any], optim_cfg: Mapping[str, Any], class_names: Sequence[str],
-                 box_only: bool, evaluate_fn=None, validation_point: OperatingPoint = OperatingPoint()):
+                 box_only: bool, evaluate_fn=None, validation_point: OperatingPoint = OperatingPoint(),
+                 trained_scale: Mapping[str, Any] | None = None):
         super().__init__()
-        # Saved in every checkpoint: enough to rebuild the model for evaluation and inference.
+        # Saved in every checkpoint: enough to rebuild the model for evaluation and inference, and
+        # the cell scale it was trained at (leukodet.engine.tiling.TrainedScale; None before it existed).
         self.save_hyperparameters({"model_cfg": dict(model_cfg), "optim_cfg": dict(optim_cfg),
-                                   "class_names": list(class_names), "box_only": box_only})
+                                   "class_names": list(class_names), "box_only": box_only,
+                                   "trained_scale": None if trained_scale is None else dict(trained_scale)})
         self.adapter = MODELS.build(model_cfg, num_classes=len(class_names), masks=not box_only)
         self.optim_cfg = dict(optim_cfg)
         self.class_names = list(class_names)

@@ -7,13 +7,18 @@ from collections.abc import Iterable, Iterator
 import torch
 from tqdm import tqdm
 
+from leukodet.engine.tiling import Tiling, predict_tiled
 from leukodet.structures import RAW, ImagePredictions, OperatingPoint, refilter, to_original
 
 
-def predict_original(adapter, batch: list[dict], prefilter: OperatingPoint = RAW) -> list[ImagePredictions]:
+def predict_original(adapter, batch: list[dict], prefilter: OperatingPoint = RAW,
+                     tiling: Tiling | None = None) -> list[ImagePredictions]:
     """Predict one batch (cut at ``prefilter``) and move each image's detections back to its file's
     pixels. A detector knows no class bias: it cuts at ``prefilter.detector_cut()`` and the bias
-    and cut are applied here."""
+    and cut are applied here. With ``tiling`` each image is predicted in tiles at the trained
+    scale (``leukodet.engine.tiling``), whatever its size."""
+    if tiling is not None:
+        return [predict_tiled(adapter, sample, tiling.for_sample(sample), prefilter) for sample in batch]
     cut = prefilter.detector_cut()
     detections = [to_original(det, sample["scale"], (sample["orig_width"], sample["orig_height"]))
                   for det, sample in zip(adapter.predict(batch, cut), batch)]

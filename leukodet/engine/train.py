@@ -23,6 +23,7 @@ from leukodet.engine.curves import plot_loss_curves
 from leukodet.engine.data import make_loader
 from leukodet.engine.evaluate import CheckpointError, load_detector, score_split
 from leukodet.engine.module import DetectionModule
+from leukodet.engine.tiling import measure_trained_scale
 from leukodet.evaluation.metrics import evaluate
 from leukodet.io import UnreadableFileError, UnsafeFileError, atomic_open, atomic_write_text, load_tensor_file
 from leukodet.preprocess.mapper import DatasetMapper
@@ -217,8 +218,9 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
                         iou_threshold=cfg.eval.iou_threshold, share_class=cfg.eval.share_class).summary()
 
     optim_cfg = OmegaConf.to_container(tcfg, resolve=True, enum_to_str=True)  # plain data in the checkpoint
+    scale = measure_trained_scale(cfg, get_dataset_dicts(split_name(name, "train")))
     module = DetectionModule(OmegaConf.to_container(cfg.model, resolve=True), optim_cfg, classes, box_only,
-                             evaluate_fn, point)
+                             evaluate_fn, point, None if scale is None else scale.as_dict())
     metric = best_metric_name(tcfg, box_only)
     checkpoints = run_dir / "checkpoints"
     best = ModelCheckpoint(checkpoints, filename="best", monitor=metric, mode=best_metric_mode(metric), save_top_k=1,

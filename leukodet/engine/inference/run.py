@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from leukodet.config import Backend
-from leukodet.data.catalog import class_colors
+from leukodet.data.catalog import class_colors, get_dataset_dicts, register_datasets, split_name
 from leukodet.data.imageio import ImageReadError, image_size, read_image
 from leukodet.data.via_export import mask_polygon
 from leukodet.engine.data import make_loader
@@ -34,6 +35,7 @@ from leukodet.engine.inference.store import RecordStore, RunSettings, file_ident
 from leukodet.engine.inference.writers import (CocoResults, CountsCsv, DetectionsCsv, FolderSummary, ViaProject,
                                                write_errors)
 from leukodet.engine.predictor import predict_original
+from leukodet.engine.tiling import Tiling, run_tiling, scale_warning
 from leukodet.evaluation.metrics import resolve_share_class
 from leukodet.io import file_sha256
 from leukodet.models.onnx_runtime import load_exported
@@ -143,18 +145,19 @@ def inference_detector(module, run_cfg: DictConfig):
     return with_tta(run_cfg, detector), proposals
 
 
-def predict_batch(adapter, samples: list[dict], point: OperatingPoint) -> list[ImagePredictions | str]:
+def predict_batch(adapter, samples: list[dict], point: OperatingPoint,
+                  tiling: Tiling | None = None) -> list[ImagePredictions | str]:
     """Predictions for a batch; if the batch fails (say, out of memory on one huge image), each
     image is retried alone and a failure is returned as its error message."""
     try:
-        return predict_original(adapter, samples, point)
+        return predict_original(adapter, samples, point, tiling)
     except RuntimeError:
         if len(samples) == 1:
             raise
     results: list[ImagePredictions | str] = []
     for sample in samples:
         try:
-            results.extend(predict_original(adapter, [sample], point))
+            results.extend(predict_original(adapter, [sample], point, tiling))
         except RuntimeError as err:
             results.append(f"RuntimeError: {sample['file_name']}: prediction failed: {err}")
     return results
@@ -183,6 +186,12 @@ def reusable_check(settings: RunSettings, store: RecordStore, images: Sequence[P
     return todo
 
 
+def training_records(run_cfg: DictConfig) -> list[dict]:
+    """The run's training split (for checkpoints that predate the recorded trained scale)."""
+    register_datasets(run_cfg.data)
+    return get_dataset_dicts(split_name(run_cfg.data.name, "train"))
+
+
 def run_inference(cfg: DictConfig, out_dir: str | os.PathLike) -> InferenceSummary:
     """`tools/infer.py`: predict every image under ``cfg.input`` with ``cfg.ckpt`` into
     ``out_dir`` (see the module doc for the files written)."""
@@ -200,6 +209,7 @@ def run_inference(cfg: DictConfig, out_dir: str | os.PathLike) -> InferenceSumma
     share_class = resolve_share_class(run_cfg.eval.get("share_class"), class_names)
     point = operating_point(run_cfg)
     require_bias_per_class(point, class_names)
+    tiling = run_tiling(run_cfg, module.hparams.get("trained_scale"), partial(training_records, run_cfg))
     backend = Backend(infer_cfg.backend)
     settings = RunSettings(out_dir, {
         "checkpoint": str(Path(run_cfg.ckpt).resolve()), "checkpoint_sha256": file_sha256(run_cfg.ckpt),
@@ -207,7 +217,9 @@ def run_inference(cfg: DictConfig, out_dir: str | os.PathLike) -> InferenceSumma
         "rpn_proposals": proposals, "flip_tta": bool(run_cfg.eval.get("flip_tta")),
         "min_confidence": point.min_confidence, "nms": point.nms, "max_detections": point.max_detections,
         "class_bias": list(point.class_bias) if any(point.class_bias) else None,  # None: as folders made before it
-        "thresholds_from": point.source, "preprocess": OmegaConf.to_container(run_cfg.preprocess, resolve=True),
+        "thresholds_from": point.source,
+        "tiling": None if tiling is None else {**tiling.trained.as_dict(), "input_cell_px": tiling.input_cell_px,
+                                              "overlap_cells": tiling.overlap_cells}, "preprocess": OmegaConf.to_container(run_cfg.preprocess, resolve=True),
         "input": str(root.resolve())})
     store = RecordStore(out_dir, root)
     todo = images if infer_cfg.overwrite else reusable_check(settings, store, images)
@@ -215,6 +227,8 @@ def run_inference(cfg: DictConfig, out_dir: str | os.PathLike) -> InferenceSumma
     batch_size, num_workers = loader_settings(infer_cfg, detector.device.type == "cuda")
     logger.info("%d images under %s; model %s (%s) on %s (batch %d, %d loader workers); %s", len(images), root,
                 run_cfg.model.name, backend.value, detector.device, batch_size, num_workers, point.describe())
+    if tiling is not None:
+        logger.info("%s", tiling.describe())
 
     summary.skipped = len(images) - len(todo)
     if summary.skipped:
@@ -245,6 +259,9 @@ def run_inference(cfg: DictConfig, out_dir: str | os.PathLike) -> InferenceSumma
                     summary.processed += 1
                     tqdm.write(f"{rel}: " + ", ".join(f"{c} {n}" for c, n in record["counts"].items())
                                + f" ({per_image:.2f} s)")
+                    warning = None if tiling is None else scale_warning(outcome, tiling.input_cell_px)
+                    if warning:
+                        tqdm.write(f"{rel}: warning: {warning}")
                 bar.update(1)
     summary.seconds = time.perf_counter() - start
     with ExitStack() as stack:

@@ -1,0 +1,354 @@
+"""Whole-field prediction at the trained cell scale: overlapping square tiles, each seen by the
+detector exactly as it saw its training fields, merged so that a cell cut by a tile edge is kept
+once, whole, from the tile that holds it.
+
+Why tiles: a detector squeezes any input to its ``min_size``, so a picture of 8 fields showed the
+network cells 8x too small and returned none. Here every tile is a square of side
+``min_size * d / D`` input pixels (``d``: the input's cell diameter, ``D``: the cell diameter the
+network saw in training), so the detector's own resize brings it to ``min_size`` and the cells
+to ``D`` pixels, whatever the size of the picture; this holds for every backend that keeps
+torchvision's resize rule (the trained model, its inference copy, the ONNX export).
+
+Merge (the StarDist ``predict_instances_big`` idea, with SAHI's duplicate check at the seams):
+the tiles' cores partition the image, each core running to the middle of the overlap with its
+neighbours; a detection is kept only from the tile whose core holds its box centre. With an
+overlap of at least one cell diameter a cell whose centre lies in a core is whole in that tile, and
+a piece of a cut cell has its centre in another tile's core, so each cell is kept once and never
+split. Detections whose centres land on either side of a core edge by box jitter are caught
+after: of two boxes from different tiles with IoU above ``SEAM_IOU``, the lower score goes.
+
+Masks are written by region: each kept mask is encoded as a COCO RLE of the whole image from its
+own crop (``region_rle``), never as one full-size array per cell.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from torchvision.ops import box_iou
+
+from leukodet.structures import Detections, ImagePredictions, OperatingPoint, refilter
+
+logger = logging.getLogger(__name__)
+
+SEAM_IOU = 0.5  # two boxes from different tiles overlapping this much are one cell
+MIN_STRIDE_FRACTION = 0.25  # tiles advance by at least this share of their side
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Square tiles of side ``tile`` overlapping by at least ``overlap`` (input pixels)."""
+
+    tile: int
+    overlap: int
+
+    def __post_init__(self):
+        if self.tile < 1 or not 0 <= self.overlap < self.tile:
+            raise ValueError(f"tiles of {self.tile} px need 0 <= overlap < tile, got overlap {self.overlap}")
+
+    def starts(self, length: int) -> list[int]:
+        """Tile starts along one axis: the first at 0, the last flush with the far edge, evenly
+        spaced between (so the overlap is at least ``overlap``); one tile when it fits."""
+        if length <= self.tile:
+            return [0]
+        count = math.ceil((length - self.overlap) / (self.tile - self.overlap))
+        return [int(round(s)) for s in np.linspace(0, length - self.tile, count)]
+
+    def cores(self, length: int) -> list[tuple[int, int, float, float]]:
+        """Per tile along one axis: (start, end, core start, core end); the cores run to the
+        middle of each overlap and partition [0, length)."""
+        starts = self.starts(length)
+        ends = [min(s + self.tile, length) for s in starts]
+        out = []
+        for i, (start, end) in enumerate(zip(starts, ends)):
+            low = 0.0 if i == 0 else (start + ends[i - 1]) / 2
+            high = float(length) if i == len(starts) - 1 else (starts[i + 1] + end) / 2
+            out.append((start, end, low, high))
+        return out
+
+    def tiles(self, width: int, height: int) -> list[tuple[tuple[int, int, int, int], tuple[float, float, float, float]]]:
+        """((x0, y0, x1, y1) of the tile, (x0, y0, x1, y1) of its core) for every tile, row by row."""
+        return [((x0, y0, x1, y1), (cx0, cy0, cx1, cy1))
+                for y0, y1, cy0, cy1 in self.cores(height) for x0, x1, cx0, cx1 in self.cores(width)]
+
+
+@dataclass(frozen=True)
+class TileScale:
+    """How an input reaches the network at the trained scale: its cell diameter in the detector's
+    input pixels (after the preprocessing chain), the cell diameter the network was trained at,
+    the detector's square input side (``min_size``) and the overlap in cell diameters."""
+
+    input_cell_px: float
+    trained_cell_px: float
+    network_px: int
+    overlap_cells: float = 1.25
+
+    def grid(self) -> TileGrid:
+        tile = max(1, round(self.network_px * self.input_cell_px / self.trained_cell_px))
+        overlap = math.ceil(self.overlap_cells * self.input_cell_px)
+        widest = int(tile * (1 - MIN_STRIDE_FRACTION))
+        if overlap > widest:
+            logger.warning("cells of %.0f px in tiles of %d px: the overlap is capped at %d px, so cells wider than "
+                           "that may be cut; train at a smaller cell size (fewer network pixels per cell)",
+                           self.input_cell_px, tile, widest)
+            overlap = widest
+        return TileGrid(tile, overlap)
+
+
+def border_fill(image: torch.Tensor) -> torch.Tensor:
+    """The median colour of an image's one-pixel border ((3,) uint8): the smear's background in
+    nearly every field, so padding a small image to a whole tile adds background, not an edge."""
+    border = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1)
+    return border.median(dim=1).values
+
+
+def cut_tile(image: torch.Tensor, box: tuple[int, int, int, int], side: int) -> torch.Tensor:
+    """The tile ``box`` of a (3, H, W) image, padded to ``side`` x ``side`` with the border colour
+    when the image is smaller than a tile (so the detector's resize factor stays the trained one)."""
+    x0, y0, x1, y1 = box
+    crop = image[:, y0:y1, x0:x1]
+    if crop.shape[-2:] == (side, side):
+        return crop
+    padded = border_fill(image).view(3, 1, 1).expand(3, side, side).clone()
+    padded[:, :crop.shape[1], :crop.shape[2]] = crop
+    return padded
+
+
+def region_rle(crop: np.ndarray, x0: int, y0: int, height: int, width: int) -> dict:
+    """The COCO RLE, on a ``height`` x ``width`` canvas, of the bool mask ``crop`` placed with its
+    top-left pixel at (x0, y0); parts outside the canvas are dropped. Written here because
+    pycocotools only encodes whole arrays: runs are counted from the crop's own pixels (column-major,
+    as COCO counts them), so the cost follows the cell, not the image."""
+    ys, xs = np.nonzero(crop)
+    ys, xs = ys + y0, xs + x0
+    inside = (xs >= 0) & (xs < width) & (ys >= 0) & (ys < height)
+    index = np.sort(xs[inside].astype(np.int64) * height + ys[inside])
+    total = height * width
+    if len(index) == 0:
+        counts = [total]
+    else:
+        breaks = np.nonzero(np.diff(index) != 1)[0]
+        starts = np.concatenate([[index[0]], index[breaks + 1]])
+        ends = np.concatenate([index[breaks] + 1, [index[-1] + 1]])
+        zeros_before = np.concatenate([[starts[0]], starts[1:] - ends[:-1]])
+        counts = np.stack([zeros_before, ends - starts], axis=1).ravel().tolist()
+        if total > ends[-1]:  # COCO writes no empty run at the end
+            counts.append(int(total - ends[-1]))
+    return mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+
+
+def tile_predictions(det: Detections, offset: tuple[int, int], scale: tuple[float, float],
+                     orig_size: tuple[int, int]) -> ImagePredictions:
+    """One tile's detections (tile pixels) in file pixels, each mask encoded from its own box crop."""
+    sx, sy = scale
+    dx, dy = offset
+    boxes = det.boxes.cpu().float().numpy() + np.array([dx, dy, dx, dy], np.float32)
+    rles = None
+    if det.masks is not None:
+        width, height = orig_size
+        rles = []
+        for mask, box in zip(det.masks.cpu().numpy(), det.boxes.cpu().numpy()):
+            bx0, by0 = (max(int(math.floor(v)) - 1, 0) for v in box[:2])
+            bx1, by1 = min(int(math.ceil(box[2])) + 1, mask.shape[1]), min(int(math.ceil(box[3])) + 1, mask.shape[0])
+            crop = mask[by0:by1, bx0:bx1]
+            x0, y0 = bx0 + dx, by0 + dy
+            if (sx, sy) != (1.0, 1.0) and crop.size:  # back to file pixels: nearest, as to_original does
+                fx0, fy0 = int(round(x0 / sx)), int(round(y0 / sy))
+                fw = max(1, int(round((x0 + crop.shape[1]) / sx)) - fx0)
+                fh = max(1, int(round((y0 + crop.shape[0]) / sy)) - fy0)
+                rows = np.minimum((np.arange(fh) * crop.shape[0] / fh).astype(int), crop.shape[0] - 1)
+                cols = np.minimum((np.arange(fw) * crop.shape[1] / fw).astype(int), crop.shape[1] - 1)
+                crop, x0, y0 = crop[rows][:, cols], fx0, fy0
+            rles.append(region_rle(crop, x0, y0, height, width))
+    boxes /= np.array([sx, sy, sx, sy], np.float32)
+    return ImagePredictions(boxes, det.scores.cpu().numpy().astype(np.float32),
+                            det.labels.cpu().numpy().astype(np.int64), rles)
+
+
+def concatenate(parts: Sequence[ImagePredictions]) -> ImagePredictions:
+    with_masks = parts[0].rles is not None
+    return ImagePredictions(np.concatenate([p.boxes for p in parts]).reshape(-1, 4).astype(np.float32),
+                            np.concatenate([p.scores for p in parts]).astype(np.float32),
+                            np.concatenate([p.labels for p in parts]).astype(np.int64),
+                            [r for p in parts for r in p.rles] if with_masks else None)
+
+
+def merge_tiles(parts: Sequence[ImagePredictions], cores: Sequence[tuple[float, float, float, float]]) -> ImagePredictions:
+    """Each tile's detections (file pixels) kept where their box centre lies in that tile's core
+    (file pixels), then the seam check across tiles (see the module doc)."""
+    kept, tile_of = [], []
+    for index, (part, (cx0, cy0, cx1, cy1)) in enumerate(zip(parts, cores)):
+        centre_x = (part.boxes[:, 0] + part.boxes[:, 2]) / 2
+        centre_y = (part.boxes[:, 1] + part.boxes[:, 3]) / 2
+        inside = (centre_x >= cx0) & (centre_x < cx1) & (centre_y >= cy0) & (centre_y < cy1)
+        kept.append(part.select(np.nonzero(inside)[0]))
+        tile_of.append(np.full(int(inside.sum()), index))
+    merged = concatenate(kept)
+    tiles = np.concatenate(tile_of) if tile_of else np.zeros(0, int)
+    if len(merged) < 2 or len(set(tiles.tolist())) < 2:
+        return merged
+    order = np.argsort(-merged.scores, kind="stable")
+    iou = box_iou(torch.from_numpy(merged.boxes[order]), torch.from_numpy(merged.boxes[order])).numpy()
+    other_tile = tiles[order][:, None] != tiles[order][None, :]
+    duplicate = (iou > SEAM_IOU) & other_tile
+    keep = []
+    for i in range(len(order)):
+        if not any(duplicate[i, j] for j in keep):
+            keep.append(i)
+    return merged.select(np.sort(order[keep]))
+
+
+def predict_tiled(detector, sample: dict, scale: TileScale, point: OperatingPoint,
+                  batch_size: int = 4) -> ImagePredictions:
+    """One mapper sample predicted tile by tile at the trained scale, merged (module doc), in file
+    pixels, cut at ``point``; the cap (``max_detections``) counts per tile, since a whole-field
+    image holds as many cells as its tiles together."""
+    image = sample["image"]
+    height, width = image.shape[-2:]
+    grid = scale.grid()
+    tiles = grid.tiles(width, height)
+    cut = point.detector_cut()
+    sx, sy = sample["scale"]
+    orig_size = (sample["orig_width"], sample["orig_height"])
+    parts = []
+    for first in range(0, len(tiles), batch_size):
+        chunk = tiles[first:first + batch_size]
+        batch = [{**sample, "image": cut_tile(image, box, grid.tile)} for box, _ in chunk]
+        for (box, _), det in zip(chunk, detector.predict(batch, cut)):
+            parts.append(tile_predictions(det, box[:2], (sx, sy), orig_size))
+    cores = [(cx0 / sx, cy0 / sy, cx1 / sx, cy1 / sy) for _, (cx0, cy0, cx1, cy1) in tiles]
+    merged = merge_tiles(parts, cores)
+    return refilter(merged, replace(point, max_detections=point.max_detections * len(tiles)))
+
+
+def cell_diameter(annotation: dict) -> float:
+    """A cell's equivalent diameter in its image's pixels: the disc of its polygon's area, or
+    sqrt(w * h) for a box (the diameter of a disc of the box's inscribed ellipse's area)."""
+    _, _, w, h = annotation["bbox"]
+    if annotation.get("segmentation") and annotation.get("area"):
+        return 2 * math.sqrt(float(annotation["area"]) / math.pi)
+    return math.sqrt(max(w, 0) * max(h, 0))
+
+
+def chain_factor(preprocess_cfg, width: int, height: int) -> tuple[float, float]:
+    """(sx, sy) from file pixels to the preprocessing chain's output for a file of this size: the
+    last ``scale`` step's (each sizes itself from the file), else (1, 1)."""
+    from leukodet.preprocess.steps import target_size
+
+    steps = [s for s in (preprocess_cfg.get("steps") or []) if s.get("name") == "scale"]
+    if not steps:
+        return 1.0, 1.0
+    params = {k: v for k, v in dict(steps[-1]).items() if k != "name" and v is not None}
+    tw, th = target_size((width, height), **params)
+    return tw / width, th / height
+
+
+def network_factor(width: float, height: float, min_size: int, max_size: int) -> float:
+    """torchvision's GeneralizedRCNNTransform resize factor for an input of this size."""
+    return min(min_size / min(width, height), max_size / max(width, height))
+
+
+@dataclass(frozen=True)
+class TrainedScale:
+    """The scale a detector was trained at: the training cells' median diameter in file pixels
+    (``cell_px``, what an input from the same microscope has), the median diameter the network saw
+    them at (``network_cell_px``) and its square input side (``network_px``, its ``min_size``)."""
+
+    cell_px: float
+    network_cell_px: float
+    network_px: int
+
+    @classmethod
+    def measure(cls, records: Sequence[dict], preprocess_cfg, min_size: int, max_size: int) -> "TrainedScale | None":
+        file_px, network_px = [], []
+        for record in records:
+            sx, _ = chain_factor(preprocess_cfg, record["width"], record["height"])
+            factor = sx * network_factor(record["width"] * sx, record["height"] * sx, min_size, max_size)
+            for annotation in record.get("annotations", []):
+                diameter = cell_diameter(annotation)
+                if diameter > 0:
+                    file_px.append(diameter)
+                    network_px.append(diameter * factor)
+        if not file_px:
+            return None
+        return cls(float(np.median(file_px)), float(np.median(network_px)), int(min_size))
+
+    def as_dict(self) -> dict:
+        return {"cell_px": round(self.cell_px, 2), "network_cell_px": round(self.network_cell_px, 2),
+                "network_px": self.network_px}
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Tiled prediction settings for one run: the trained scale, the input's cell diameter in file
+    pixels (``infer.cell_diameter_px``, else the training cells'), the overlap in cell diameters."""
+
+    trained: TrainedScale
+    input_cell_px: float
+    overlap_cells: float = 1.25
+
+    def for_sample(self, sample: dict) -> TileScale:
+        return TileScale(self.input_cell_px * sample["scale"][0], self.trained.network_cell_px,
+                         self.trained.network_px, self.overlap_cells)
+
+    def describe(self) -> str:
+        return (f"tiled at the trained scale: input cells {self.input_cell_px:.1f} px, trained cells "
+                f"{self.trained.cell_px:.1f} px ({self.trained.network_cell_px:.1f} px in the network's "
+                f"{self.trained.network_px}-px input), overlap {self.overlap_cells:g} cell diameters")
+
+
+def found_cell_px(prediction: ImagePredictions) -> float | None:
+    """The median equivalent diameter of the cells found (mask areas, else boxes), file pixels."""
+    if len(prediction) == 0:
+        return None
+    if prediction.rles is not None:
+        areas = mask_utils.area(prediction.rles).astype(np.float64)
+        return float(np.median(2 * np.sqrt(areas / math.pi)))
+    w = prediction.boxes[:, 2] - prediction.boxes[:, 0]
+    h = prediction.boxes[:, 3] - prediction.boxes[:, 1]
+    return float(np.median(np.sqrt(np.clip(w * h, 0, None))))
+
+
+def scale_warning(prediction: ImagePredictions, expected_px: float, tolerance: float = 1.6) -> str | None:
+    """A one-line warning when the cells found are far from the expected size (a likely wrong
+    scale: ``infer.cell_diameter_px`` gives the folder's own)."""
+    found = found_cell_px(prediction)
+    if found is None or 1 / tolerance <= found / expected_px <= tolerance:
+        return None
+    return (f"cells found are {found:.0f} px across, the model expects {expected_px:.0f} px: a likely wrong scale; "
+            f"give this folder's with infer.cell_diameter_px=...")
+
+
+def measure_trained_scale(cfg, records: Sequence[dict]) -> TrainedScale | None:
+    """The cell scale a run's model trains at, from its training split (None for a model without
+    the min_size / max_size resize rule, which then predicts whole images)."""
+    if cfg.model.get("min_size") is None or cfg.model.get("max_size") is None:
+        return None
+    return TrainedScale.measure(records, cfg.preprocess, int(cfg.model.min_size), int(cfg.model.max_size))
+
+
+def run_tiling(run_cfg, saved_scale: dict | None, training_records=None) -> Tiling | None:
+    """The tiling a checkpoint tool predicts with (``infer.tiling``): the checkpoint's trained
+    scale, else (a checkpoint from before it was recorded) one measured from ``training_records``
+    (a callable giving the run's training split, or None); None means whole images, as before."""
+    infer_cfg = run_cfg.get("infer") or {}
+    if not infer_cfg.get("tiling", True):
+        return None
+    trained = TrainedScale(**saved_scale) if saved_scale else None
+    if trained is None and training_records is not None:
+        try:
+            trained = measure_trained_scale(run_cfg, training_records())
+        except (OSError, KeyError, ValueError) as err:
+            logger.warning("no trained scale in the checkpoint and its training split cannot be read (%s)", err)
+    if trained is None:
+        logger.warning("the checkpoint records no trained cell scale: whole images are squeezed to the model's "
+                       "input size (retrain to record it, or infer.tiling=false to silence this)")
+        return None
+    given = infer_cfg.get("cell_diameter_px")
+    return Tiling(trained, float(given) if given else trained.cell_px, float(infer_cfg.get("tile_overlap", 1.25)))

@@ -1,0 +1,174 @@
+"""Tiled whole-field prediction: grid, seam merge, masks by region, small images, the scale warning.
+
+The detector here finds dark discs on a light background by connected components, so it reports
+the piece of a disc cut by a tile edge as a detection of its own, as a real detector does: the
+merge has to drop those pieces and keep each disc once, whole.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+from leukodet.engine.predictor import predict_original
+from leukodet.engine.tiling import (TileGrid, TileScale, TrainedScale, Tiling, predict_tiled, region_rle,
+                                    scale_warning)
+from leukodet.structures import OperatingPoint
+
+DIAMETER = 30
+POINT = OperatingPoint(0.5, 0.5, 300)
+
+
+class DiscDetector:
+    """Every connected dark blob of a tile is a detection (box, mask, score from its size)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.tile_shapes = []
+
+    def predict(self, batch, prefilter):
+        from leukodet.structures import Detections
+
+        out = []
+        for sample in batch:
+            image = sample["image"].numpy()
+            self.tile_shapes.append(tuple(image.shape[-2:]))
+            dark = (image[0] < 128).astype(np.uint8)
+            count, labels, stats, _ = cv2.connectedComponentsWithStats(dark, connectivity=4)
+            boxes, masks = [], []
+            for k in range(1, count):
+                x, y, w, h, _ = stats[k]
+                boxes.append([x, y, x + w, y + h])
+                masks.append(labels == k)
+            height, width = image.shape[-2:]
+            out.append(Detections(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                                  torch.full((len(boxes),), 0.9), torch.zeros(len(boxes), dtype=torch.int64),
+                                  torch.from_numpy(np.array(masks, bool).reshape(-1, height, width))))
+        return out
+
+
+def smear(width: int, height: int, centres) -> tuple[dict, list[np.ndarray]]:
+    """A light field with dark discs at ``centres``: the mapper sample and each disc's true mask."""
+    image = np.full((height, width, 3), 230, np.uint8)
+    truths = []
+    for cx, cy in centres:
+        disc = np.zeros((height, width), np.uint8)
+        cv2.circle(disc, (int(cx), int(cy)), DIAMETER // 2, 1, -1)
+        image[disc.astype(bool)] = 60
+        truths.append(disc.astype(bool))
+    sample = {"image": torch.from_numpy(image.transpose(2, 0, 1).copy()), "file_name": "smear.png", "scale": (1.0, 1.0),
+              "orig_width": width, "orig_height": height}
+    return sample, truths
+
+
+SCALE = TileScale(input_cell_px=DIAMETER, trained_cell_px=DIAMETER, network_px=128)  # tiles of 128 px, 38 px overlap
+
+
+def matched(prediction, truths) -> list[float]:
+    """The best mask IoU of each true disc among the predictions."""
+    masks = [mask_utils.decode(r).astype(bool) for r in prediction.rles]
+    return [max((np.logical_and(m, t).sum() / np.logical_or(m, t).sum() for m in masks), default=0.0) for t in truths]
+
+
+def test_grid_cores_partition_the_image_and_overlap_at_least_as_asked():
+    grid = TileGrid(128, 38)
+    for length in (50, 128, 129, 300, 1000, 4097):
+        cores = grid.cores(length)
+        assert cores[0][2] == 0 and cores[-1][3] == length
+        assert all(a[3] == b[2] for a, b in zip(cores, cores[1:]))  # no gap, no overlap between cores
+        assert all(end - start == min(128, length) for start, end, _, _ in cores)
+        assert all(a[1] - b[0] >= 38 for a, b in zip(cores, cores[1:]))
+        # a point of a core is at least half the overlap inside its tile: a cell centred there is whole
+        assert all(low - start >= 19 or start == 0 for start, _, low, _ in cores)
+
+
+def test_a_cell_on_a_seam_is_kept_once_and_whole():
+    grid = SCALE.grid()
+    seam = (grid.tiles(300, 128)[0][1][2])  # the x where the first tile's core ends
+    sample, truths = smear(300, 128, [(seam, 64)])
+    detector = DiscDetector()
+    prediction = predict_tiled(detector, sample, SCALE, POINT)
+    assert len(prediction) == 1
+    assert matched(prediction, truths)[0] == 1.0
+    assert sum(len(d) for d in detector.predict([{**sample, "image": sample["image"][:, :, :128]}], POINT)) == 1
+
+
+def test_a_cell_on_the_corner_of_four_tiles_is_kept_once_and_whole():
+    grid = SCALE.grid()
+    (_, core) = grid.tiles(300, 300)[0]
+    sample, truths = smear(300, 300, [(core[2], core[3])])
+    prediction = predict_tiled(DiscDetector(), sample, SCALE, POINT)
+    assert len(prediction) == 1 and matched(prediction, truths)[0] == 1.0
+
+
+def test_a_field_of_many_cells_counts_each_once_with_its_whole_mask():
+    rng = np.random.default_rng(0)
+    centres = []
+    while len(centres) < 120:  # discs at least 6 px apart, anywhere, seams and corners included
+        c = rng.uniform(DIAMETER / 2 + 1, [900 - DIAMETER / 2 - 1, 700 - DIAMETER / 2 - 1])
+        if all(np.hypot(*(c - d)) > DIAMETER + 6 for d in centres):
+            centres.append(c)
+    sample, truths = smear(900, 700, centres)
+    detector = DiscDetector()
+    prediction = predict_tiled(detector, sample, SCALE, POINT)
+    assert len(prediction) == len(truths)  # none counted twice, none lost
+    assert min(matched(prediction, truths)) == 1.0  # and never split
+    assert set(detector.tile_shapes) == {(128, 128)}  # every tile reaches the detector at the trained scale
+    untiled = predict_original(detector, [sample], POINT)[0]
+    assert len(untiled) == len(truths)  # this detector needs no tiles; a network does (see the module doc)
+
+
+def test_an_image_smaller_than_a_tile_is_one_padded_tile():
+    sample, truths = smear(90, 60, [(45, 30)])
+    detector = DiscDetector()
+    prediction = predict_tiled(detector, sample, SCALE, POINT)
+    assert detector.tile_shapes == [(128, 128)]  # padded, not resized: the scale stays the trained one
+    assert len(prediction) == 1 and matched(prediction, truths)[0] == 1.0
+    assert prediction.rles[0]["size"] == [60, 90]
+
+
+def test_tiles_follow_the_input_scale_and_masks_return_to_file_pixels():
+    sample, truths = smear(400, 200, [(100, 100), (250, 90)])
+    sample = {**sample, "image": torch.nn.functional.interpolate(sample["image"][None].float(), scale_factor=0.5,
+                                                                 mode="nearest")[0].to(torch.uint8), "scale": (0.5, 0.5)}
+    tiling = Tiling(TrainedScale(cell_px=DIAMETER, network_cell_px=DIAMETER / 2, network_px=64), DIAMETER)
+    detector = DiscDetector()
+    prediction = predict_original(detector, [sample], POINT, tiling)[0]
+    assert set(detector.tile_shapes) == {(64, 64)}
+    assert len(prediction) == 2 and min(matched(prediction, truths)) > 0.85  # nearest-neighbour 2x upsampling
+    assert prediction.rles[0]["size"] == [200, 400]
+
+
+def test_region_rle_equals_pycocotools_encoding_of_the_whole_canvas():
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        height, width = rng.integers(5, 50, 2)
+        crop = rng.random(rng.integers(1, 20, 2)) > 0.5
+        x0, y0 = rng.integers(-10, 50, 2)
+        canvas = np.zeros((height, width), np.uint8)
+        ys, xs = np.nonzero(crop)
+        ys, xs = ys + y0, xs + x0
+        inside = (xs >= 0) & (xs < width) & (ys >= 0) & (ys < height)
+        canvas[ys[inside], xs[inside]] = 1
+        assert region_rle(crop, x0, y0, height, width)["counts"] == mask_utils.encode(np.asfortranarray(canvas))["counts"]
+
+
+def test_cells_far_from_the_trained_size_warn_of_a_wrong_scale():
+    sample, _ = smear(200, 200, [(60, 60), (140, 140)])
+    prediction = predict_tiled(DiscDetector(), sample, SCALE, POINT)
+    assert scale_warning(prediction, expected_px=DIAMETER) is None
+    warning = scale_warning(prediction, expected_px=DIAMETER * 2.5)
+    assert "wrong scale" in warning and "infer.cell_diameter_px" in warning
+
+
+def test_trained_scale_is_the_cells_median_diameter_as_the_network_saw_it():
+    disc = {"bbox": [0, 0, 40, 40], "area": np.pi * 20 ** 2, "segmentation": [[0, 0, 1, 1, 2, 0]]}
+    records = [{"width": 200, "height": 100, "annotations": [disc]}, {"width": 400, "height": 400, "annotations": [disc]}]
+    scale = TrainedScale.measure(records, {"steps": [{"name": "scale", "factor": 1.0}]}, min_size=200, max_size=400)
+    # the first image is resized by min(200/100, 400/200) = 2 (cell 80 px), the second by 0.5 (20 px)
+    assert scale.cell_px == pytest.approx(40) and scale.network_cell_px == pytest.approx(50)
+    assert scale.network_px == 200
