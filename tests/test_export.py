@@ -18,7 +18,7 @@ POINTS = [OperatingPoint(0.05, 0.5, 100), OperatingPoint(0.3, 0.3, 10)]
 
 def paired(reference, other):
     """(same count and classes, max box difference px, max score difference, min mask IoU) of two
-    lists of ImagePredictions, detections paired in score order (``engine.export.agreement``)."""
+    lists of ImagePredictions, detections paired by class and box (``engine.export.agreement``)."""
     from leukodet.engine.export import agreement
 
     found = agreement(reference, other)
@@ -46,6 +46,22 @@ def test_paste_masks_equals_torchvisions_one_box_at_a_time():
     # the same bilinear samples summed in another order: a pixel within float rounding of 0.5 may flip
     assert (pasted != expected).sum() <= 3
     assert paste_masks(probabilities[:0], boxes[:0], 150, 170).shape == (0, 150, 170)
+
+
+def test_agreement_pairs_detections_by_box_not_by_position():
+    """Two detections whose scores tie within float rounding come out in either order: the pairing
+    must not read that as a 100-px box difference (it failed CI on a barely trained ResNet-50)."""
+    from leukodet.engine.export import agreement
+    from leukodet.structures import ImagePredictions
+
+    boxes = np.array([[10, 10, 40, 40], [100, 20, 130, 50], [60, 60, 90, 90]], np.float32)
+    reference = ImagePredictions(boxes, np.array([0.9, 0.5, 0.5], np.float32), np.array([0, 1, 1]), None)
+    swapped = reference.select([0, 2, 1])
+    swapped.boxes[0] += 0.01
+    found = agreement([reference], [swapped])
+    assert found.ok and found.max_box_difference_px == pytest.approx(0.01, abs=1e-6)
+    other_class = ImagePredictions(boxes, reference.scores, np.array([0, 0, 1]), None)
+    assert not agreement([reference], [other_class]).ok
 
 
 def test_batchnorm_folding_keeps_the_backbone_output():
