@@ -58,6 +58,7 @@ class TrainConfig:
     steps_per_epoch: int = 100  # validate every this many steps (the seed's STEPS_PER_EPOCH)
     validation_steps: Optional[int] = None  # batches per validation; null = the whole split
     checkpoint_every_steps: int = 25  # last.ckpt cadence: what a killed run resumes from
+    progress_every_steps: int = 50  # a progress line this often when the output is not a terminal
     best_metric: str = "auto"  # a METRICS name or val/loss; auto = ap50_segm (ap50_bbox for box-only data)
     # shuffle: each training image once per epoch; class_balanced: drawn with replacement so that each
     # class is seen about equally often (with, or instead of, data.prepare.balance's mirrored copies)
@@ -85,6 +86,10 @@ class EvalConfig:
     # true: predict each image and its horizontal mirror and pool the detections (evaluation, sweeps
     # and inference; leukodet.models.tta). The checkpoint tools compose it as null: the run's value
     flip_tta: Optional[bool] = False
+    # true: evaluation and sweeps predict each image in tiles at the trained cell scale, as inference
+    # does (infer.cell_diameter_px gives the split's scale when it differs from the training cells');
+    # false: whole images, as validation during training sees them. Checkpoint tools: null = the run's
+    tiling: Optional[bool] = False
     share_class: Optional[str] = None  # its share of all cells is reported and flagged; null = the first class
     split: str = "test"
     # tools/evaluate.py sweep=true scores this grid from cached raw predictions
@@ -108,8 +113,12 @@ class InferConfig:
     batch_size: Optional[int] = None  # null: 8 on a GPU, 1 on a CPU (batching was slower there)
     num_workers: Optional[int] = None  # loader processes reading ahead; null: up to 4 on a GPU, 1 on a CPU
     overlays: bool = True
+    # an overlay of a larger image (longest side, px) is a preview scaled down to this side: a 36 MP
+    # field drawn at full size is a ~100 MB picture no viewer opens quickly
+    overlay_max_side: int = 4096
     flag_share: float = 0.2  # folders.csv flags a share above this (a research aid, not a diagnosis)
-    max_megapixels: float = 100.0  # larger files are reported in errors.csv instead of exhausting memory
+    max_megapixels: float = 100.0  # larger files read whole are reported in errors.csv, not read (a TIFF
+    # predicted tiled is read by region: no cap)
     report: bool = True  # report.html in out_dir (thumbnails of the overlays are made once)
     # torch: the checkpoint itself; onnxruntime: the ONNX graphs tools/export.py wrote beside it
     backend: Backend = Backend.torch

@@ -149,6 +149,86 @@ def encode_masks(masks: np.ndarray) -> list[dict]:
     return mask_utils.encode(np.asfortranarray(np.ascontiguousarray(masks, dtype=np.uint8).transpose(1, 2, 0)))
 
 
+def rle_counts(rle: dict) -> np.ndarray:
+    """The run lengths of a COCO RLE (zeros first, column-major), from its compressed string.
+    pycocotools decodes only to a full-size array; this is its string format (maskApi.c rleFrString)
+    in a few lines, so a mask can be read back by region."""
+    counts = rle["counts"]
+    if not isinstance(counts, (bytes, str)):
+        return np.asarray(counts, np.int64)
+    data = counts.encode("ascii") if isinstance(counts, str) else counts
+    out: list[int] = []
+    p = 0
+    while p < len(data):
+        value, shift, more = 0, 0, True
+        while more:
+            c = data[p] - 48
+            value |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            p += 1
+            shift += 5
+            if not more and c & 0x10:
+                value |= -1 << shift
+        if len(out) > 2:
+            value += out[-2]
+        out.append(value)
+    return np.asarray(out, np.int64)
+
+
+def crop_rle(rle: dict, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The bool mask of ``rle`` inside ``box`` = (x0, y0, x1, y1) (pixels, clipped to the image),
+    decoded from the runs that cross it: the cost follows the cell, not the image (a 36 MP field
+    holds thousands of cells, and a full decode of each is 36 MB)."""
+    height, width = rle["size"]
+    x0, y0 = max(int(box[0]), 0), max(int(box[1]), 0)
+    x1, y1 = min(int(box[2]), width), min(int(box[3]), height)
+    if x1 <= x0 or y1 <= y0:
+        return np.zeros((max(y1 - y0, 0), max(x1 - x0, 0)), bool)
+    ends = np.cumsum(rle_counts(rle))
+    starts = np.concatenate([[0], ends[:-1]])
+    first, last = x0 * height, x1 * height  # the columns' flat range, column-major
+    ones = np.zeros(last - first, bool)
+    for start, end in zip(starts[1::2], ends[1::2]):
+        if end > first and start < last:
+            ones[max(start, first) - first:min(end, last) - first] = True
+    return ones.reshape(x1 - x0, height).T[y0:y1]
+
+
+def region_rle(crop: np.ndarray, x0: int, y0: int, height: int, width: int) -> dict:
+    """The COCO RLE, on a ``height`` x ``width`` canvas, of the bool mask ``crop`` placed with its
+    top-left pixel at (x0, y0); parts outside the canvas are dropped. Written here because
+    pycocotools only encodes whole arrays: runs are counted from the crop's own pixels (column-major,
+    as COCO counts them), so the cost follows the cell, not the image."""
+    ys, xs = np.nonzero(crop)
+    ys, xs = ys + y0, xs + x0
+    inside = (xs >= 0) & (xs < width) & (ys >= 0) & (ys < height)
+    index = np.sort(xs[inside].astype(np.int64) * height + ys[inside])
+    total = height * width
+    if len(index) == 0:
+        counts = [total]
+    else:
+        breaks = np.nonzero(np.diff(index) != 1)[0]
+        starts = np.concatenate([[index[0]], index[breaks + 1]])
+        ends = np.concatenate([index[breaks] + 1, [index[-1] + 1]])
+        zeros_before = np.concatenate([[starts[0]], starts[1:] - ends[:-1]])
+        counts = np.stack([zeros_before, ends - starts], axis=1).ravel().tolist()
+        if total > ends[-1]:  # COCO writes no empty run at the end
+            counts.append(int(total - ends[-1]))
+    return mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+
+
+def rle_areas(rles: list[dict]) -> np.ndarray:
+    """Pixel areas of RLE masks. pycocotools' ``area`` sizes its output with a uint8 count, which
+    NumPy 2 refuses above 255 masks (a whole field holds more), so it is called in chunks."""
+    return np.concatenate([mask_utils.area(rles[i:i + 255]) for i in range(0, len(rles), 255)] or [np.zeros(0)])
+
+
+def mask_box(rle: dict, margin: int = 1) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) integer bounds of an RLE mask, grown by ``margin``."""
+    x, y, w, h = mask_utils.toBbox(rle)
+    return (int(x) - margin, int(y) - margin, int(np.ceil(x + w)) + margin, int(np.ceil(y + h)) + margin)
+
+
 def to_original(det: Detections, scale: tuple[float, float], orig_size: tuple[int, int]) -> ImagePredictions:
     """Detections in model-input pixels -> ImagePredictions in file pixels (``orig_size`` = (W, H)).
 
@@ -167,3 +247,12 @@ def to_original(det: Detections, scale: tuple[float, float], orig_size: tuple[in
                     for m in masks]
     return ImagePredictions(boxes.numpy(), det.scores.cpu().numpy().astype(np.float32),
                             det.labels.cpu().numpy().astype(np.int64), rles)
+
+
+def describe_tiling(tiling: dict | None) -> str:
+    """A run's tiling settings (``Tiling.as_dict``, as run.json stores them) in words."""
+    if not tiling:
+        return "whole images squeezed to the model's input size (infer.tiling=false)"
+    return (f"tiled at the trained scale: input cells {tiling['input_cell_px']:.1f} px, trained cells "
+            f"{tiling['cell_px']:.1f} px ({tiling['network_cell_px']:.1f} px in the network's "
+            f"{tiling['network_px']}-px input), overlap {tiling['overlap_cells']:g} cell diameters")

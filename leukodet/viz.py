@@ -75,27 +75,36 @@ def render_split(dataset_dicts: Sequence[dict], metadata: dict, out_dir: str | P
 
 
 def draw_predictions(image: np.ndarray, prediction, class_names: Sequence[str],
-                     colors: Sequence[tuple[int, int, int]]) -> np.ndarray:
+                     colors: Sequence[tuple[int, int, int]], scale: float = 1.0) -> np.ndarray:
     """``image`` with each predicted mask (tinted, outlined) or box in its class colour, class and
-    score beside it, and a legend strip of the counts per class."""
-    from pycocotools import mask as mask_utils
+    score beside it, and a legend strip of the counts per class. ``scale``: the image's size over
+    the file's (a downscaled preview of a big field); each mask is read back by its own box, so
+    drawing costs per cell, not per image."""
+    from leukodet.structures import crop_rle, mask_box
 
     out = image.copy()
     thickness = max(1, round(min(image.shape[:2]) / 300))
-    scale = max(0.35, min(image.shape[:2]) / 1200)
+    text_scale = max(0.35, min(image.shape[:2]) / 1200)
     counts: Counter = Counter()
     for k in range(len(prediction)):
         label = int(prediction.labels[k])
         color = colors[label]
         counts[label] += 1
-        x0, y0, x1, y1 = (round(float(v)) for v in prediction.boxes[k])
+        x0, y0, x1, y1 = (round(float(v) * scale) for v in prediction.boxes[k])
         if prediction.rles is not None:
-            mask = mask_utils.decode(prediction.rles[k])
-            out[mask > 0] = (0.6 * out[mask > 0] + 0.4 * np.array(color)).astype(np.uint8)
-            contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            box = mask_box(prediction.rles[k])
+            mask = crop_rle(prediction.rles[k], box).astype(np.uint8)
+            mx, my = round(max(box[0], 0) * scale), round(max(box[1], 0) * scale)
+            if scale != 1.0 and mask.size:
+                size = (max(1, round(mask.shape[1] * scale)), max(1, round(mask.shape[0] * scale)))
+                mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+            mask = mask[:out.shape[0] - my, :out.shape[1] - mx]
+            region = out[my:my + mask.shape[0], mx:mx + mask.shape[1]]
+            region[mask > 0] = (0.6 * region[mask > 0] + 0.4 * np.array(color)).astype(np.uint8)
+            contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(mx, my))
             cv2.drawContours(out, contours, -1, color, thickness)
         else:
             cv2.rectangle(out, (x0, y0), (x1, y1), color, thickness)
         cv2.putText(out, f"{class_names[label]} {float(prediction.scores[k]):.2f}", (x0, max(10, y0 - 3)),
-                    cv2.FONT_HERSHEY_SIMPLEX, scale, color, 1, cv2.LINE_AA)
+                    cv2.FONT_HERSHEY_SIMPLEX, text_scale, color, 1, cv2.LINE_AA)
     return with_legend(out, [(f"{class_names[c]}: {counts[c]}", colors[c]) for c in range(len(class_names))])

@@ -196,6 +196,8 @@ def test_outputs_are_complete_and_consistent(trained_run, smear_folder, tmp_path
 
     counts = read_csv(out / "counts.csv")
     assert [r["image"] for r in counts] == sorted(GOOD, key=str)  # input order
+    tiling = json.loads((out / "run.json").read_text())["tiling"]  # the trained scale, recorded at training
+    assert tiling["input_cell_px"] == tiling["cell_px"] > 0 and tiling["network_px"] == 192
     detections = pd.read_csv(out / "detections.csv")
     assert len(detections) > 0
     for row in counts:
@@ -207,6 +209,7 @@ def test_outputs_are_complete_and_consistent(trained_run, smear_folder, tmp_path
             assert float(row["lymphoblast_share"]) == pytest.approx(int(row["count_lymphoblast"]) / len(mine), abs=1e-4)
         assert (row["min_confidence"], row["nms"], row["model"]) == ("0.05", "0.5", "maskrcnn_effnet_lite0")
         assert (int(row["width"]), int(row["height"])) == (256, 192)
+        assert float(row["cell_diameter_px"]) == pytest.approx(tiling["input_cell_px"], abs=0.01)  # predicted tiled
         assert RecordStore(out, smear_folder).overlay_path(row["image"]).is_file()
     assert (detections.score > 0.05).all()
 
@@ -216,6 +219,18 @@ def test_outputs_are_complete_and_consistent(trained_run, smear_folder, tmp_path
     assert [mask_utils.area(r["segmentation"]) for r in results] == detections.area.tolist()
     assert {r["image_id"]: r["file_name"] for r in results} == {i: r["image"] for i, r in enumerate(counts, 1)
                                                                   if int(r["total"])}
+
+    for row in counts:  # QuPath's GeoJSON: a detection per cell, its outline inside its box, class and score
+        features = json.loads((out / "geojson" / f"{row['image']}.geojson").read_text())["features"]
+        mine = detections[detections.image == row["image"]]
+        assert [f["properties"]["classification"]["name"] for f in features] == mine["class"].tolist()
+        assert [f["properties"]["measurements"]["score"] for f in features] == pytest.approx(mine.score.tolist())
+        for feature, (_, det) in zip(features, mine.iterrows()):
+            ring = np.array(feature["geometry"]["coordinates"][0])
+            assert feature["properties"]["objectType"] == "detection" and (ring[0] == ring[-1]).all()
+            # the mask's outline around its box (a pasted mask may pass the box by a pixel or two)
+            assert (ring.min(axis=0) >= [det.x - 3, det.y - 3]).all()
+            assert (ring.max(axis=0) <= [det.x + det.width + 3, det.y + det.height + 3]).all()
 
     folders = {r["folder"]: r for r in read_csv(out / "folders.csv")}
     assert set(folders) == {"slideA", "slideB", "slideC"}
@@ -269,7 +284,7 @@ def test_resume_skips_done_images_and_settings_never_mix(trained_run, smear_fold
                                       min_confidence="0.3"), out)
     assert (summary.processed, summary.skipped) == (7, 0)
     assert set(pd.read_csv(out / "counts.csv").min_confidence) == {0.3}
-    assert (pd.read_csv(out / "detections.csv").score > 0.3).all()
+    assert (pd.read_csv(out / "detections.csv").score >= 0.3).all()  # above 0.3, written to 4 decimals
 
 
 def test_tool_exit_status_and_output_folder(trained_run, smear_folder, tmp_path):

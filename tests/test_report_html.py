@@ -191,6 +191,8 @@ def test_inference_report_in_chromium(browser, inferred_folder):
         assert row[5] == shown(folders[row[0]]["lymphoblast_share"])
     errors = rows_of(page, "table.error-list")
     assert [r[0] for r in errors] == ["patient03/broken.jpg"] and "not an image" in errors[0][1]
+    tiling = json.loads((out / "run.json").read_text())["tiling"]  # the scale predicted at, in words
+    assert f"input cells {tiling['input_cell_px']:.1f} px" in page.evaluate("document.body.innerText")
     page.screenshot(SHOTS / "inference_report.png")
 
 

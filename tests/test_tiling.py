@@ -7,6 +7,8 @@ merge has to drop those pieces and keep each disc once, whole.
 
 from __future__ import annotations
 
+import pickle
+
 import cv2
 import numpy as np
 import pytest
@@ -14,9 +16,10 @@ import torch
 from pycocotools import mask as mask_utils
 
 from leukodet.engine.predictor import predict_original
-from leukodet.engine.tiling import (TileGrid, TileScale, TrainedScale, Tiling, predict_tiled, region_rle,
+from leukodet.engine.tiling import (TileGrid, TileScale, TrainedScale, Tiling, predict_tiled, seam_survivors,
                                     scale_warning)
-from leukodet.structures import OperatingPoint
+from leukodet.data.via_export import mask_polygon
+from leukodet.structures import OperatingPoint, crop_rle, mask_box, region_rle
 
 DIAMETER = 30
 POINT = OperatingPoint(0.5, 0.5, 300)
@@ -86,6 +89,15 @@ def test_grid_cores_partition_the_image_and_overlap_at_least_as_asked():
         assert all(low - start >= 19 or start == 0 for start, _, low, _ in cores)
 
 
+def test_seam_check_drops_only_the_weaker_of_two_tiles_views_of_one_cell():
+    boxes = np.array([[100, 100, 130, 130], [102, 101, 131, 131],  # one cell seen by tiles 0 and 1
+                      [200, 100, 230, 130], [201, 100, 231, 130],  # two raw candidates of one tile: kept
+                      [400, 400, 430, 430], [1000, 50, 1060, 110]], np.float32)
+    scores = np.array([0.6, 0.9, 0.8, 0.7, 0.5, 0.4], np.float32)
+    tiles = np.array([0, 1, 2, 2, 3, 4])
+    assert sorted(seam_survivors(boxes, scores, tiles).tolist()) == [1, 2, 3, 4, 5]
+
+
 def test_a_cell_on_a_seam_is_kept_once_and_whole():
     grid = SCALE.grid()
     seam = (grid.tiles(300, 128)[0][1][2])  # the x where the first tile's core ends
@@ -131,6 +143,35 @@ def test_an_image_smaller_than_a_tile_is_one_padded_tile():
     assert prediction.rles[0]["size"] == [60, 90]
 
 
+def test_a_big_tiff_is_read_by_region_and_predicted_as_if_read_whole(tmp_path, monkeypatch):
+    tifffile = pytest.importorskip("tifffile")
+    from leukodet.data.imageio import TiffRegions
+    from leukodet.preprocess.mapper import DatasetMapper
+
+    rng = np.random.default_rng(3)
+    centres = [rng.uniform(20, [1180, 880]) for _ in range(60)]
+    sample, _ = smear(1200, 900, centres)
+    path = tmp_path / "field.tif"
+    tifffile.imwrite(path, sample["image"].numpy().transpose(1, 2, 0), tile=(128, 128), compression="zlib",
+                     photometric="rgb")
+    areas = []
+    read = TiffRegions.read
+    monkeypatch.setattr(TiffRegions, "read", lambda self, *box: areas.append(np.prod(read(self, *box).shape[:2]))
+                        or read(self, *box))
+    mapper = DatasetMapper({"steps": [{"name": "scale", "factor": 1.0}, {"name": "bilateral"}]})
+    lazy = mapper.map_regions(path)
+    assert lazy["image"] is None and (lazy["orig_width"], lazy["orig_height"]) == (1200, 900)
+    by_region = predict_tiled(DiscDetector(), lazy, SCALE, POINT)
+    whole = predict_tiled(DiscDetector(), mapper.map_image(path), SCALE, POINT)
+    assert len(by_region) == len(whole) > 40
+    assert np.array_equal(by_region.boxes, whole.boxes)
+    assert max(areas) <= (128 + 2 * 16) ** 2 and len(areas) == len(SCALE.grid().tiles(1200, 900))
+    passed = pickle.loads(pickle.dumps(lazy["regions"]))  # as a loader worker hands it over: reopened
+    assert torch.equal(passed.tile(100, 50, 300, 200), lazy["regions"].tile(100, 50, 300, 200))
+    assert DatasetMapper({"steps": [{"name": "scale", "factor": 0.5}]}).map_regions(path) is None  # read whole
+    assert mapper.map_regions(tmp_path / "missing.png") is None
+
+
 def test_tiles_follow_the_input_scale_and_masks_return_to_file_pixels():
     sample, truths = smear(400, 200, [(100, 100), (250, 90)])
     sample = {**sample, "image": torch.nn.functional.interpolate(sample["image"][None].float(), scale_factor=0.5,
@@ -157,12 +198,32 @@ def test_region_rle_equals_pycocotools_encoding_of_the_whole_canvas():
         assert region_rle(crop, x0, y0, height, width)["counts"] == mask_utils.encode(np.asfortranarray(canvas))["counts"]
 
 
+def test_crop_rle_reads_a_mask_back_by_region():
+    rng = np.random.default_rng(2)
+    for _ in range(100):
+        height, width = (int(v) for v in rng.integers(1, 60, 2))
+        canvas = np.asfortranarray((rng.random((height, width)) > rng.random()).astype(np.uint8))
+        rle = mask_utils.encode(canvas)
+        x0, x1 = sorted(int(v) for v in rng.integers(-5, width + 5, 2))
+        y0, y1 = sorted(int(v) for v in rng.integers(-5, height + 5, 2))
+        crop = crop_rle(rle, (x0, y0, x1, y1))
+        assert np.array_equal(crop, canvas[max(y0, 0):max(min(y1, height), 0), max(x0, 0):max(min(x1, width), 0)] > 0)
+    disc = np.zeros((300, 400), np.uint8)
+    cv2.circle(disc, (390, 150), 30, 1, -1)  # cut by the image's right edge
+    rle = mask_utils.encode(np.asfortranarray(disc))
+    box = mask_box(rle)
+    outline = mask_polygon(crop_rle(rle, box)) + [max(box[0], 0), max(box[1], 0)]
+    assert np.array_equal(outline, mask_polygon(disc))  # inference's outlines, read by region
+
+
 def test_cells_far_from_the_trained_size_warn_of_a_wrong_scale():
     sample, _ = smear(200, 200, [(60, 60), (140, 140)])
     prediction = predict_tiled(DiscDetector(), sample, SCALE, POINT)
     assert scale_warning(prediction, expected_px=DIAMETER) is None
     warning = scale_warning(prediction, expected_px=DIAMETER * 2.5)
     assert "wrong scale" in warning and "infer.cell_diameter_px" in warning
+    many = prediction.select(np.zeros(300, np.int64))  # over 255 masks: pycocotools' area alone overflows
+    assert scale_warning(many, expected_px=DIAMETER) is None
 
 
 def test_trained_scale_is_the_cells_median_diameter_as_the_network_saw_it():

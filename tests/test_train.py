@@ -1,6 +1,7 @@
 """The training loop: configs compose, a hard-killed run resumes on schedule, the default reaches its target."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,6 +68,10 @@ def test_hard_kill_then_resume_finishes_the_same_schedule(tmp_path):
     done = subprocess.run(tiny_run_args(tmp_path, 10), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from" in done.stdout
+    # issue 28: output that is not a terminal gets progress lines, and no third-party notices
+    assert re.search(r"step 10/10, loss \d+\.\d+, \d+\.\d+ steps/s", done.stdout)
+    for notice in ("weights_only", "litlogger", "LeafSpec"):
+        assert notice not in done.stdout + done.stderr
     final = torch.load(last, map_location="cpu", weights_only=True)
     assert final["global_step"] == 10
     # the learning rate continued the cosine schedule instead of restarting its warmup
@@ -94,6 +99,10 @@ def test_hard_kill_then_resume_finishes_the_same_schedule(tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("results saved to") == 2 and "cached raw predictions" not in done.stdout
+    # scored in tiles at the trained scale: predicted anew (its own cache), at the trained cell size
+    done = subprocess.run(evaluate + ["eval.tiling=true"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list((last.parent / "cache").glob("raw_val_*.npz"))) == 2
 
 
 @pytest.mark.slow

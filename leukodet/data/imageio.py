@@ -107,3 +107,79 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         raise ImageReadError(f"{path}: not an image file (format not recognised)") from None
     except OSError as err:
         raise ImageReadError(f"{path}: not a readable image ({err})") from None
+
+
+TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
+
+
+class TiffRegions:
+    """A TIFF read by region: only the tiles or strips a region crosses are decoded (tifffile's
+    Zarr view of the file), so a whole slide or a 36 MP camera frame never sits in memory whole.
+    Regions follow the module's conversion rule, except that float images are refused (their
+    min-max stretch needs the whole image): ``open`` returns None for files it cannot read so,
+    and the caller reads them whole."""
+
+    def __init__(self, path: Path, store, array):
+        self.path, self._store, self._array = path, store, array
+        self.height, self.width = int(array.shape[0]), int(array.shape[1])
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "TiffRegions | None":
+        path = Path(path)
+        if path.suffix.lower() not in TIFF_SUFFIXES:
+            return None
+        import tifffile
+        import zarr
+
+        try:
+            store = tifffile.imread(path, aszarr=True, level=0)
+            array = zarr.open(store, mode="r")
+        except Exception:  # noqa: BLE001 - not readable by region: the whole-file reader reports what is wrong
+            return None
+        plain = array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))
+        if not plain or array.dtype not in (np.uint8, np.uint16):  # planar, multi-channel or float
+            store.close()
+            return None
+        return cls(path, store, array)
+
+    def read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        """RGB uint8 pixels of the region [x0, x1) x [y0, y1), clipped to the image."""
+        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, self.width), min(y1, self.height)
+        try:
+            region = np.asarray(self._array[y0:y1, x0:x1])
+        except Exception as err:  # noqa: BLE001 - a damaged tile, named with its file
+            raise ImageReadError(f"{self.path}: cannot read region x {x0}-{x1}, y {y0}-{y1} ({err})") from None
+        if region.dtype == np.uint16:
+            region = (region >> 8).astype(np.uint8)
+        if region.ndim == 2:
+            return np.repeat(region[..., None], 3, axis=2)
+        return np.ascontiguousarray(region[..., :3])
+
+    def preview(self, max_side: int, band: int = 512) -> tuple[np.ndarray, float]:
+        """The image scaled down so its longest side is at most ``max_side`` (and the factor),
+        made band by band, so memory holds one band of the file at a time."""
+        factor = min(1.0, max_side / max(self.width, self.height))
+        out_w = max(1, round(self.width * factor))
+        bands = []
+        for y0 in range(0, self.height, band):
+            y1 = min(y0 + band, self.height)
+            rows = max(1, round(y1 * factor) - round(y0 * factor))
+            bands.append(cv2.resize(self.read(0, y0, self.width, y1), (out_w, rows), interpolation=cv2.INTER_AREA))
+        return np.concatenate(bands), factor
+
+    def close(self) -> None:
+        self._store.close()
+
+    def __del__(self):  # the file handle goes with the sample, not at the end of a 10,000-image run
+        store = self.__dict__.get("_store")
+        if store is not None:
+            store.close()
+
+    def __getstate__(self):  # loader workers pass it to the main process: reopened there
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        reopened = TiffRegions.open(state["path"])
+        if reopened is None:
+            raise ImageReadError(f"{state['path']}: no longer readable by region")
+        self.__dict__.update(reopened.__dict__)

@@ -19,6 +19,7 @@ from leukodet.data.pipeline import ensure_prepared
 from leukodet.engine.data import make_loader
 from leukodet.engine.module import DetectionModule
 from leukodet.engine.predictor import predict_loader
+from leukodet.engine.tiling import Tiling, run_tiling
 from leukodet.evaluation.counts import CountTable, count_table
 from leukodet.evaluation.metrics import EvaluationResult, evaluate, resolve_share_class
 from leukodet.evaluation.report import format_table, format_touching, save_report
@@ -127,7 +128,14 @@ def predict_split(cfg: DictConfig, module: DetectionModule, records: list[dict],
                   desc: str) -> list[ImagePredictions]:
     """Predictions for ``records`` through the training mapper's preprocessing, cut at ``prefilter``."""
     loader = make_loader(records, DatasetMapper(cfg.preprocess), cfg.train.batch_size, False, cfg.train.num_workers)
-    return [prediction for _, prediction in predict_loader(with_tta(cfg, module.adapter), loader, prefilter, desc=desc)]
+    return [prediction for _, prediction in predict_loader(with_tta(cfg, module.adapter), loader, prefilter, desc=desc,
+                                                           tiling=evaluation_tiling(cfg, module))]
+
+
+def evaluation_tiling(cfg: DictConfig, module: DetectionModule) -> Tiling | None:
+    """``eval.tiling``: score a split predicted in tiles at the trained scale, as inference predicts
+    (the input scale from ``infer.cell_diameter_px``, else the training cells'); None: whole images."""
+    return run_tiling(cfg, module.hparams.get("trained_scale"), enabled=bool(cfg.eval.get("tiling")))
 
 
 def with_tta(cfg: DictConfig, detector):
@@ -159,8 +167,10 @@ def cached_raw_predictions(cfg: DictConfig, module: DetectionModule, checkpoint:
     name = split_name(cfg.data.name, split)
     records = get_dataset_dicts(name)
     # keyed by the registered name, not the split alone: one checkpoint can score other datasets' splits
+    tiling = evaluation_tiling(cfg, module)
     key = cache_key(checkpoint, name, {"preprocess": OmegaConf.to_container(cfg.preprocess, resolve=True),
-                                       "flip_tta": bool(cfg.eval.get("flip_tta"))})
+                                       "flip_tta": bool(cfg.eval.get("flip_tta")),
+                                       **({"tiling": tiling.as_dict()} if tiling else {})})  # old keys still hit
     path = Path(checkpoint).parent / "cache" / f"raw_{split}_{key}.npz"
     if path.is_file():
         try:

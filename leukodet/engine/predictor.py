@@ -26,8 +26,8 @@ def predict_original(adapter, batch: list[dict], prefilter: OperatingPoint = RAW
 
 
 def predict_loader(adapter, loader: Iterable[list[dict]], prefilter: OperatingPoint = RAW,
-                   desc: str = "predicting") -> Iterator[tuple[dict, ImagePredictions]]:
+                   desc: str = "predicting", tiling: Tiling | None = None) -> Iterator[tuple[dict, ImagePredictions]]:
     """Stream (sample, predictions) over a loader, so memory stays flat over any number of images."""
     with torch.inference_mode():
         for batch in tqdm(loader, desc=desc, unit="batch"):
-            yield from zip(batch, predict_original(adapter, batch, prefilter))
+            yield from zip(batch, predict_original(adapter, batch, prefilter, tiling))

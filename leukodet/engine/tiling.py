@@ -30,10 +30,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_utils
 from torchvision.ops import box_iou
 
-from leukodet.structures import Detections, ImagePredictions, OperatingPoint, refilter
+from leukodet.structures import (Detections, ImagePredictions, OperatingPoint, describe_tiling, refilter,
+                                 region_rle, rle_areas)
 
 logger = logging.getLogger(__name__)
 
@@ -101,46 +101,26 @@ class TileScale:
         return TileGrid(tile, overlap)
 
 
-def border_fill(image: torch.Tensor) -> torch.Tensor:
-    """The median colour of an image's one-pixel border ((3,) uint8): the smear's background in
-    nearly every field, so padding a small image to a whole tile adds background, not an edge."""
-    border = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1)
-    return border.median(dim=1).values
-
-
-def cut_tile(image: torch.Tensor, box: tuple[int, int, int, int], side: int) -> torch.Tensor:
-    """The tile ``box`` of a (3, H, W) image, padded to ``side`` x ``side`` with the border colour
-    when the image is smaller than a tile (so the detector's resize factor stays the trained one)."""
-    x0, y0, x1, y1 = box
-    crop = image[:, y0:y1, x0:x1]
+def pad_tile(crop: torch.Tensor, side: int) -> torch.Tensor:
+    """A (3, h, w) tile padded to ``side`` x ``side`` (bottom and right) with the median colour of
+    its one-pixel border, when the image is smaller than a tile: the detector's resize factor then
+    stays the trained one, and the padding is the smear's background, not an edge."""
     if crop.shape[-2:] == (side, side):
         return crop
-    padded = border_fill(image).view(3, 1, 1).expand(3, side, side).clone()
+    border = torch.cat([crop[:, 0], crop[:, -1], crop[:, :, 0], crop[:, :, -1]], dim=1)
+    padded = border.median(dim=1).values.view(3, 1, 1).expand(3, side, side).clone()
     padded[:, :crop.shape[1], :crop.shape[2]] = crop
     return padded
 
 
-def region_rle(crop: np.ndarray, x0: int, y0: int, height: int, width: int) -> dict:
-    """The COCO RLE, on a ``height`` x ``width`` canvas, of the bool mask ``crop`` placed with its
-    top-left pixel at (x0, y0); parts outside the canvas are dropped. Written here because
-    pycocotools only encodes whole arrays: runs are counted from the crop's own pixels (column-major,
-    as COCO counts them), so the cost follows the cell, not the image."""
-    ys, xs = np.nonzero(crop)
-    ys, xs = ys + y0, xs + x0
-    inside = (xs >= 0) & (xs < width) & (ys >= 0) & (ys < height)
-    index = np.sort(xs[inside].astype(np.int64) * height + ys[inside])
-    total = height * width
-    if len(index) == 0:
-        counts = [total]
-    else:
-        breaks = np.nonzero(np.diff(index) != 1)[0]
-        starts = np.concatenate([[index[0]], index[breaks + 1]])
-        ends = np.concatenate([index[breaks] + 1, [index[-1] + 1]])
-        zeros_before = np.concatenate([[starts[0]], starts[1:] - ends[:-1]])
-        counts = np.stack([zeros_before, ends - starts], axis=1).ravel().tolist()
-        if total > ends[-1]:  # COCO writes no empty run at the end
-            counts.append(int(total - ends[-1]))
-    return mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+def tile_source(sample: dict):
+    """(read(x0, y0, x1, y1) -> (3, h, w) uint8 tile, width, height) for a mapper sample: slices of
+    its preprocessed image, or tiles read and preprocessed by region (``DatasetMapper.map_regions``)."""
+    regions = sample.get("regions")
+    if regions is not None:
+        return regions.tile, regions.width, regions.height
+    image = sample["image"]
+    return (lambda x0, y0, x1, y1: image[:, y0:y1, x0:x1]), image.shape[-1], image.shape[-2]
 
 
 def tile_predictions(det: Detections, offset: tuple[int, int], scale: tuple[float, float],
@@ -193,15 +173,27 @@ def merge_tiles(parts: Sequence[ImagePredictions], cores: Sequence[tuple[float, 
     tiles = np.concatenate(tile_of) if tile_of else np.zeros(0, int)
     if len(merged) < 2 or len(set(tiles.tolist())) < 2:
         return merged
-    order = np.argsort(-merged.scores, kind="stable")
-    iou = box_iou(torch.from_numpy(merged.boxes[order]), torch.from_numpy(merged.boxes[order])).numpy()
-    other_tile = tiles[order][:, None] != tiles[order][None, :]
-    duplicate = (iou > SEAM_IOU) & other_tile
+    return merged.select(np.sort(seam_survivors(merged.boxes, merged.scores, tiles)))
+
+
+def seam_survivors(boxes: np.ndarray, scores: np.ndarray, tiles: np.ndarray) -> np.ndarray:
+    """Greedy by score: a box goes when a kept box of another tile overlaps it above ``SEAM_IOU``.
+    Boxes that overlap that much have centres closer than the largest box side, so each box is
+    compared only with the kept boxes in the 3x3 grid squares of that side around its centre: the
+    cost grows with the cells, not their square (a 36 MP field holds thousands)."""
+    side = max(float(np.max(boxes[:, 2:] - boxes[:, :2])), 1.0)
+    squares = np.floor((boxes[:, :2] + boxes[:, 2:]) / 2 / side).astype(np.int64)
+    kept_in: dict[tuple[int, int], list[int]] = {}
     keep = []
-    for i in range(len(order)):
-        if not any(duplicate[i, j] for j in keep):
-            keep.append(i)
-    return merged.select(np.sort(order[keep]))
+    for i in np.argsort(-scores, kind="stable"):
+        gx, gy = squares[i]
+        near = [j for dx in (-1, 0, 1) for dy in (-1, 0, 1) for j in kept_in.get((gx + dx, gy + dy), ())]
+        others = [j for j in near if tiles[j] != tiles[i]]
+        if others and (box_iou(torch.from_numpy(boxes[i:i + 1]), torch.from_numpy(boxes[others])) > SEAM_IOU).any():
+            continue
+        keep.append(i)
+        kept_in.setdefault((int(gx), int(gy)), []).append(i)
+    return np.asarray(keep, np.int64)
 
 
 def predict_tiled(detector, sample: dict, scale: TileScale, point: OperatingPoint,
@@ -209,8 +201,7 @@ def predict_tiled(detector, sample: dict, scale: TileScale, point: OperatingPoin
     """One mapper sample predicted tile by tile at the trained scale, merged (module doc), in file
     pixels, cut at ``point``; the cap (``max_detections``) counts per tile, since a whole-field
     image holds as many cells as its tiles together."""
-    image = sample["image"]
-    height, width = image.shape[-2:]
+    read, width, height = tile_source(sample)
     grid = scale.grid()
     tiles = grid.tiles(width, height)
     cut = point.detector_cut()
@@ -219,7 +210,7 @@ def predict_tiled(detector, sample: dict, scale: TileScale, point: OperatingPoin
     parts = []
     for first in range(0, len(tiles), batch_size):
         chunk = tiles[first:first + batch_size]
-        batch = [{**sample, "image": cut_tile(image, box, grid.tile)} for box, _ in chunk]
+        batch = [{**sample, "image": pad_tile(read(*box), grid.tile)} for box, _ in chunk]
         for (box, _), det in zip(chunk, detector.predict(batch, cut)):
             parts.append(tile_predictions(det, box[:2], (sx, sy), orig_size))
     cores = [(cx0 / sx, cy0 / sy, cx1 / sx, cy1 / sy) for _, (cx0, cy0, cx1, cy1) in tiles]
@@ -297,10 +288,11 @@ class Tiling:
         return TileScale(self.input_cell_px * sample["scale"][0], self.trained.network_cell_px,
                          self.trained.network_px, self.overlap_cells)
 
+    def as_dict(self) -> dict:
+        return {**self.trained.as_dict(), "input_cell_px": self.input_cell_px, "overlap_cells": self.overlap_cells}
+
     def describe(self) -> str:
-        return (f"tiled at the trained scale: input cells {self.input_cell_px:.1f} px, trained cells "
-                f"{self.trained.cell_px:.1f} px ({self.trained.network_cell_px:.1f} px in the network's "
-                f"{self.trained.network_px}-px input), overlap {self.overlap_cells:g} cell diameters")
+        return describe_tiling(self.as_dict())
 
 
 def found_cell_px(prediction: ImagePredictions) -> float | None:
@@ -308,7 +300,7 @@ def found_cell_px(prediction: ImagePredictions) -> float | None:
     if len(prediction) == 0:
         return None
     if prediction.rles is not None:
-        areas = mask_utils.area(prediction.rles).astype(np.float64)
+        areas = rle_areas(prediction.rles).astype(np.float64)
         return float(np.median(2 * np.sqrt(areas / math.pi)))
     w = prediction.boxes[:, 2] - prediction.boxes[:, 0]
     h = prediction.boxes[:, 3] - prediction.boxes[:, 1]
@@ -333,12 +325,13 @@ def measure_trained_scale(cfg, records: Sequence[dict]) -> TrainedScale | None:
     return TrainedScale.measure(records, cfg.preprocess, int(cfg.model.min_size), int(cfg.model.max_size))
 
 
-def run_tiling(run_cfg, saved_scale: dict | None, training_records=None) -> Tiling | None:
-    """The tiling a checkpoint tool predicts with (``infer.tiling``): the checkpoint's trained
-    scale, else (a checkpoint from before it was recorded) one measured from ``training_records``
-    (a callable giving the run's training split, or None); None means whole images, as before."""
+def run_tiling(run_cfg, saved_scale: dict | None, training_records=None, enabled: bool | None = None) -> Tiling | None:
+    """The tiling a checkpoint tool predicts with (``enabled``, default ``infer.tiling``; the input
+    scale and overlap from ``infer``): the checkpoint's trained scale, else (a checkpoint from
+    before it was recorded) one measured from ``training_records`` (a callable giving the run's
+    training split, or None); None means whole images, as before."""
     infer_cfg = run_cfg.get("infer") or {}
-    if not infer_cfg.get("tiling", True):
+    if not (infer_cfg.get("tiling", True) if enabled is None else enabled):
         return None
     trained = TrainedScale(**saved_scale) if saved_scale else None
     if trained is None and training_records is not None:

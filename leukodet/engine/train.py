@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from leukodet.data.catalog import get_dataset_dicts, get_metadata, split_name
 from leukodet.data.pipeline import ensure_prepared
+from leukodet.engine.console import LogProgress, output_is_terminal, quiet_third_party_noise
 from leukodet.engine.curves import plot_loss_curves
 from leukodet.engine.data import make_loader
 from leukodet.engine.evaluate import CheckpointError, load_detector, score_split
@@ -67,12 +68,13 @@ def trained_point(cfg: DictConfig) -> OperatingPoint:
 # What may change when a run resumes: how long it runs, where, on what hardware and how it is fed,
 # and what other tools read (paths, infer, ...). Anything else would make one run of two.
 RESUME_MAY_CHANGE = ("train.max_steps", "train.run_dir", "train.resume", "train.num_workers", "train.devices",
+                     "train.progress_every_steps",
                      "train.accelerator", "train.strategy", "paths", "infer", "ckpt", "input", "split", "sweep")
 
 
 # Keys added to the config after runs were saved, with the value that reproduces what those runs
 # did: a saved config.yaml without one reads as having it, so older runs still resume.
-ADDED_KEYS = {"eval.class_bias": None, "eval.sweep_class_bias": [0.0]}
+ADDED_KEYS = {"eval.class_bias": None, "eval.sweep_class_bias": [0.0], "eval.tiling": False}
 
 
 class RunConfigError(ValueError):
@@ -227,6 +229,8 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
                            auto_insert_metric_name=False, enable_version_counter=False)
     last = ModelCheckpoint(checkpoints, filename="last", every_n_train_steps=tcfg.checkpoint_every_steps,
                            save_top_k=1, enable_version_counter=False)
+    quiet_third_party_noise()
+    terminal = output_is_terminal()  # else a line every train.progress_every_steps steps (a log file, CI)
     trainer = L.Trainer(
         default_root_dir=run_dir, max_steps=tcfg.max_steps, max_epochs=-1,
         accelerator=tcfg.accelerator, devices=tcfg.devices, strategy=tcfg.strategy,
@@ -235,7 +239,9 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
         limit_val_batches=tcfg.validation_steps or 1.0, num_sanity_val_steps=0,
         log_every_n_steps=min(10, tcfg.steps_per_epoch),
         logger=[KeepingCsvLogger(run_dir, resume_from), TensorBoardLogger(run_dir, name="tensorboard", version="")],
-        callbacks=[best, last, LearningRateMonitor("step")],
+        callbacks=[best, last, LearningRateMonitor("step"),
+                   *([] if terminal else [LogProgress(tcfg.progress_every_steps)])],
+        enable_progress_bar=terminal,
     )
     last_ckpt = checkpoints / "last.ckpt"
     ckpt_path = str(last_ckpt) if resume_from is not None else None
@@ -243,7 +249,7 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
         logger.info("resuming from %s (step %d)", ckpt_path, resume_from)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))  # after resume_step's check
     trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path, weights_only=True)
-    trainer.save_checkpoint(last_ckpt)  # the final state, whatever the step cadence
+    trainer.save_checkpoint(last_ckpt, weights_only=False)  # the final, full state (resumable), whatever the cadence
     score = best.best_model_score
     return TrainResult(run_dir, Path(best.best_model_path or last_ckpt), last_ckpt, metric,
                        None if score is None else float(score))

@@ -12,6 +12,7 @@ checkpoint by leukodet's AP50, and a metrics CSV in the format ``leukodet.engine
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -25,6 +26,11 @@ from leukodet.models.base import DetectorAdapter
 from leukodet.preprocess.mapper import DatasetMapper
 from leukodet.registry import MODELS
 from leukodet.structures import RAW, Detections, OperatingPoint, to_original
+
+# detectron2 0.6 and fvcore warn of their own deprecated calls at import (fvcore scripts its focal loss
+# with torch.jit, the model zoo imports pkg_resources): nothing a user of leukodet can act on
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r"pkg_resources is deprecated as an API", category=UserWarning)
 
 # leukodet's detectron2 models: registered name -> model-zoo config
 ZOO_CONFIGS = {

@@ -20,7 +20,9 @@ from pycocotools import mask as mask_utils
 from torchvision import tv_tensors
 
 from leukodet.data.augment import build_augmentation
+from leukodet.data.imageio import TiffRegions
 from leukodet.preprocess import PreprocessChain, PreprocessState
+from leukodet.preprocess.steps import target_size
 
 
 def rasterize(polygons: Sequence[np.ndarray], height: int, width: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -48,6 +50,26 @@ def rasterize(polygons: Sequence[np.ndarray], height: int, width: int, out: np.n
         warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
         out[y0:y1, x0:x1] = mask_utils.decode(rles).max(axis=2)
     return out
+
+
+class ChainedRegions:
+    """Preprocessed tiles of a file read by region: each tile is read with ``CONTEXT`` pixels
+    around it, run through the chain and cut back, so neighbourhood filters (bilateral, CLAHE)
+    see real pixels at the tile's edge. Steps that look at the whole image (CLAHE's grid, Otsu)
+    see the tile with its context instead, as each training field was seen on its own."""
+
+    CONTEXT = 16
+
+    def __init__(self, regions: TiffRegions, chain: PreprocessChain):
+        self.regions, self.chain = regions, chain
+        self.width, self.height = regions.width, regions.height
+
+    def tile(self, x0: int, y0: int, x1: int, y1: int) -> torch.Tensor:
+        """(3, y1 - y0, x1 - x0) uint8 tile, x/y clipped to the image."""
+        rx0, ry0 = max(x0 - self.CONTEXT, 0), max(y0 - self.CONTEXT, 0)
+        state, _ = self.chain.run(self.regions.read(rx0, ry0, x1 + self.CONTEXT, y1 + self.CONTEXT))
+        out = state.image[y0 - ry0:min(y1, self.height) - ry0, x0 - rx0:min(x1, self.width) - rx0]
+        return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
 
 
 class DatasetMapper:
@@ -78,6 +100,25 @@ class DatasetMapper:
     def map_image(self, path: str | os.PathLike) -> dict:
         """Inference entry: the same reading and chain as training, no annotations."""
         return self({"file_name": str(path), "image_id": -1, "annotations": [], "points": []})
+
+    def map_regions(self, path: str | os.PathLike) -> dict | None:
+        """Inference entry for a file read by region (a TIFF, ``TiffRegions``) when the chain keeps
+        its pixel grid (every ``scale`` step is the identity at this size): a sample whose
+        ``regions`` gives preprocessed tiles on demand and whose ``image`` is None, so a whole
+        slide never sits in memory whole; None when the file must be read whole."""
+        regions = TiffRegions.open(path)
+        if regions is None:
+            return None
+        size = (regions.width, regions.height)
+        if any(target_size(size, **params) != size for name, _, params in self.chain.steps if name == "scale"):
+            regions.close()
+            return None
+        pixel_steps = [{"name": name, **params} for name, fn, params in self.chain.steps if not fn.changes_geometry]
+        return {"image": None, "regions": ChainedRegions(regions, PreprocessChain(pixel_steps)),
+                "instances": {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64), "masks": None},
+                "points": torch.zeros((0, 2)), "point_labels": torch.zeros(0, dtype=torch.int64),
+                "file_name": str(path), "image_id": -1, "orig_height": regions.height, "orig_width": regions.width,
+                "scale": (1.0, 1.0), "record": {"file_name": str(path), "image_id": -1, "annotations": []}}
 
     def __call__(self, record: Mapping) -> dict:
         state, _ = self.chain.run_on_file(record["file_name"])

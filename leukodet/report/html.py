@@ -26,7 +26,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from leukodet.io import atomic_write_bytes, atomic_write_text
 from leukodet.report.gallery import GALLERY_CSV
-from leukodet.structures import OperatingPoint
+from leukodet.structures import OperatingPoint, describe_tiling
 
 logger = logging.getLogger(__name__)
 
@@ -350,7 +350,8 @@ def write_inference_report(out_dir: str | os.PathLike) -> Path:
     images = image_table(out_dir, counts_header, counts, flagged, with_flag=folder_info["flag_column"] is not None)
     summary = [("images", str(len(counts))), ("could not be processed", str(len(errors))),
                ("input", settings.get("input", "?")), ("model", settings.get("model", "?")),
-               ("checkpoint", settings.get("checkpoint", "?")), ("classes", ", ".join(settings.get("classes", [])))]
+               ("checkpoint", settings.get("checkpoint", "?")), ("classes", ", ".join(settings.get("classes", []))),
+               ("scale", describe_tiling(settings.get("tiling")))]
     point = [("min confidence", str(settings.get("min_confidence"))), ("NMS", str(settings.get("nms"))),
              ("max detections", str(settings.get("max_detections"))),
              *([("class bias (logits)", str(settings["class_bias"]))] if settings.get("class_bias") else []),

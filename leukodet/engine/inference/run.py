@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import cv2
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from pycocotools import mask as mask_utils
@@ -32,8 +34,8 @@ from leukodet.engine.data import make_loader
 from leukodet.engine.evaluate import load_detector, operating_point, require_bias_per_class, run_config, with_tta
 from leukodet.engine.inference.discovery import discover_images, relative_name
 from leukodet.engine.inference.store import RecordStore, RunSettings, file_identity, stale_inputs_message
-from leukodet.engine.inference.writers import (CocoResults, CountsCsv, DetectionsCsv, FolderSummary, ViaProject,
-                                               write_errors)
+from leukodet.engine.inference.writers import (CocoResults, CountsCsv, DetectionsCsv, FolderSummary, GeoJsonFiles,
+                                               ViaProject, write_errors)
 from leukodet.engine.predictor import predict_original
 from leukodet.engine.tiling import Tiling, run_tiling, scale_warning
 from leukodet.evaluation.metrics import resolve_share_class
@@ -41,7 +43,7 @@ from leukodet.io import file_sha256
 from leukodet.models.onnx_runtime import load_exported
 from leukodet.preprocess.mapper import DatasetMapper
 from leukodet.report import write_inference_report
-from leukodet.structures import ImagePredictions, OperatingPoint
+from leukodet.structures import ImagePredictions, OperatingPoint, crop_rle, mask_box
 from leukodet.viz import draw_predictions, write_rgb
 
 logger = logging.getLogger(__name__)
@@ -51,26 +53,44 @@ class InferenceReader:
     """Loader-worker side: a file -> the model sample (training mapper) plus the picture to draw
     on; any failure becomes an ``{"error": ...}`` item, so one bad file never stops the run."""
 
-    def __init__(self, preprocess_cfg, max_megapixels: float, with_display: bool):
+    def __init__(self, preprocess_cfg, max_megapixels: float, with_display: bool, display_max_side: int = 4096,
+                 by_region: bool = False):
         self.mapper = DatasetMapper(preprocess_cfg)
         self.max_pixels = max_megapixels * 1e6
         self.with_display = with_display
+        self.display_max_side = display_max_side
+        self.by_region = by_region  # tiled prediction: a TIFF is read tile by tile (DatasetMapper.map_regions)
 
     def __call__(self, path: Path) -> dict:
         try:
             identity = file_identity(path)  # before reading: a file replaced meanwhile is caught next run
-            width, height = image_size(path)
-            if width * height > self.max_pixels:
-                raise ImageReadError(f"{path}: {width}x{height} is {width * height / 1e6:.0f} MP, above "
-                                     f"infer.max_megapixels={self.max_pixels / 1e6:g}; raise it or downscale the file")
-            sample = self.mapper.map_image(path)
+            sample = self.mapper.map_regions(path) if self.by_region else None
+            if sample is None:  # read whole: the size cap keeps a huge file from exhausting memory
+                width, height = image_size(path)
+                if width * height > self.max_pixels:
+                    raise ImageReadError(f"{path}: {width}x{height} is {width * height / 1e6:.0f} MP, above "
+                                         f"infer.max_megapixels={self.max_pixels / 1e6:g}; raise it, downscale the "
+                                         "file or save it as a tiled TIFF (read by region when infer.tiling=true)")
+                sample = self.mapper.map_image(path)
             sample["file_identity"] = identity
             if self.with_display:
-                sample["display"] = read_image(path)
+                regions = sample.get("regions")
+                sample["display"], sample["display_scale"] = (
+                    regions.regions.preview(self.display_max_side) if regions is not None
+                    else preview(read_image(path), self.display_max_side))
             return sample
         except Exception as err:  # noqa: BLE001 - reported per file in errors.csv, the run goes on
             message = str(err) if str(path) in str(err) else f"{path}: {err}"
             return {"file_name": str(path), "error": f"{type(err).__name__}: {message}"}
+
+
+def preview(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    """``image`` scaled down (INTER_AREA) so its longest side is at most ``max_side``, and the factor."""
+    factor = min(1.0, max_side / max(image.shape[:2]))
+    if factor == 1.0:
+        return image, 1.0
+    size = (max(1, round(image.shape[1] * factor)), max(1, round(image.shape[0] * factor)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA), factor
 
 
 def loader_settings(infer_cfg: DictConfig, on_gpu: bool) -> tuple[int, int]:
@@ -94,10 +114,11 @@ def detection_rows(prediction: ImagePredictions, class_names: Sequence[str]) -> 
                "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)]}
         if prediction.rles is not None:
             rle = prediction.rles[k]
-            outline = mask_polygon(mask_utils.decode(rle))
+            box = mask_box(rle)
+            outline = mask_polygon(crop_rle(rle, box))  # by region: a full decode per cell is 36 MB at 36 MP
             row.update(area=int(mask_utils.area(rle)),
                        segmentation={"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")},
-                       polygon=None if outline is None else outline.tolist())
+                       polygon=None if outline is None else (outline + [max(box[0], 0), max(box[1], 0)]).tolist())
         else:
             row.update(area=round((x1 - x0) * (y1 - y0), 2), polygon=None)
         rows.append(row)
@@ -218,8 +239,8 @@ def run_inference(cfg: DictConfig, out_dir: str | os.PathLike) -> InferenceSumma
         "min_confidence": point.min_confidence, "nms": point.nms, "max_detections": point.max_detections,
         "class_bias": list(point.class_bias) if any(point.class_bias) else None,  # None: as folders made before it
         "thresholds_from": point.source,
-        "tiling": None if tiling is None else {**tiling.trained.as_dict(), "input_cell_px": tiling.input_cell_px,
-                                              "overlap_cells": tiling.overlap_cells}, "preprocess": OmegaConf.to_container(run_cfg.preprocess, resolve=True),
+        "tiling": None if tiling is None else tiling.as_dict(),
+        "preprocess": OmegaConf.to_container(run_cfg.preprocess, resolve=True),
         "input": str(root.resolve())})
     store = RecordStore(out_dir, root)
     todo = images if infer_cfg.overwrite else reusable_check(settings, store, images)
@@ -234,14 +255,15 @@ def run_inference(cfg: DictConfig, out_dir: str | os.PathLike) -> InferenceSumma
     if summary.skipped:
         logger.info("%d images already done in %s (infer.overwrite=true redoes them)", summary.skipped, out_dir)
     colors = class_colors(len(class_names))
-    reader = InferenceReader(run_cfg.preprocess, infer_cfg.max_megapixels, infer_cfg.overlays)
+    reader = InferenceReader(run_cfg.preprocess, infer_cfg.max_megapixels, infer_cfg.overlays,
+                             infer_cfg.overlay_max_side, by_region=tiling is not None)
     loader = make_loader(todo, reader, batch_size, False, num_workers)
     start = time.perf_counter()
     with torch.inference_mode(), tqdm(total=len(todo), desc="inference", unit="img") as bar:
         for batch in (loader if todo else []):
             batch_start = time.perf_counter()
             good = [s for s in batch if "error" not in s]
-            outcomes = dict(zip((s["file_name"] for s in good), predict_batch(detector, good, point))) if good else {}
+            outcomes = dict(zip((s["file_name"] for s in good), predict_batch(detector, good, point, tiling))) if good else {}
             per_image = (time.perf_counter() - batch_start) / max(len(batch), 1)
             for sample in batch:
                 path = Path(sample["file_name"])
@@ -254,7 +276,9 @@ def run_inference(cfg: DictConfig, out_dir: str | os.PathLike) -> InferenceSumma
                 else:
                     record = image_record(rel, path, sample, outcome, class_names, per_image)
                     if infer_cfg.overlays:  # the overlay first: the record's presence means the image is done
-                        write_rgb(store.overlay_path(rel), draw_predictions(sample["display"], outcome, class_names, colors))
+                        drawn = draw_predictions(sample["display"], outcome, class_names, colors,
+                                                 sample["display_scale"])
+                        write_rgb(store.overlay_path(rel), drawn)
                     store.save(record)
                     summary.processed += 1
                     tqdm.write(f"{rel}: " + ", ".join(f"{c} {n}" for c, n in record["counts"].items())
@@ -270,6 +294,7 @@ def run_inference(cfg: DictConfig, out_dir: str | os.PathLike) -> InferenceSumma
             DetectionsCsv(out_dir / "detections.csv"),
             CocoResults(out_dir / "results_coco.json"),
             ViaProject(out_dir / "via_project.json", class_names, root),
+            GeoJsonFiles(out_dir / "geojson", class_names, colors),
             FolderSummary(out_dir / "folders.csv", class_names, share_class, infer_cfg.flag_share))]
         for image_id, record in enumerate(store.done_records(images), start=1):
             for writer in writers:

@@ -11,7 +11,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 from leukodet.data.via_export import ViaProjectWriter, region
-from leukodet.io import atomic_open
+from leukodet.io import atomic_open, atomic_write_text
 
 RESEARCH_NOTE = "research aid, not a diagnosis"
 
@@ -117,6 +117,35 @@ class ViaProject(AbstractContextManager):
 
     def __exit__(self, *exc):
         return self.writer.__exit__(*exc)
+
+
+class GeoJsonFiles(AbstractContextManager):
+    """geojson/<image>.geojson: each image's cells as a GeoJSON FeatureCollection that QuPath imports
+    (File > Import objects, or drag and drop) over the image: a detection per cell, its outline in
+    file pixels, its class (name and colour) and score. Made from the record, so resumed images
+    get theirs too; one file per image, as QuPath imports objects per image."""
+
+    def __init__(self, out_dir: Path, class_names: Sequence[str], colors: Sequence[tuple[int, int, int]]):
+        self.out_dir, self.colors = out_dir, dict(zip(class_names, colors))
+
+    def add(self, image_id: int, record: dict) -> None:
+        features = []
+        for det in record["detections"]:
+            if det.get("polygon"):
+                ring = [list(map(int, p)) for p in det["polygon"]]
+            else:
+                x, y, w, h = det["bbox"]
+                ring = [[x, y], [x + w, y], [x + w, y + h], [x, y + h]]
+            features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring + ring[:1]]},
+                             "properties": {"objectType": "detection",
+                                            "classification": {"name": det["class"],
+                                                               "color": list(self.colors[det["class"]])},
+                                            "measurements": {"score": det["score"]}}})
+        atomic_write_text(self.out_dir / f"{record['file']}.geojson",
+                          json.dumps({"type": "FeatureCollection", "features": features}, separators=(",", ":")))
+
+    def __exit__(self, *exc):
+        return False
 
 
 class FolderSummary(AbstractContextManager):

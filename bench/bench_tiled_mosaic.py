@@ -1,0 +1,201 @@
+"""Whole-field inference: mosaics of 1, 2, 4, 8, 40, 400 fields of a split, their ground truth moved
+along, predicted tiled at the trained scale (``leukodet.engine.tiling``; TIFFs read by region) and
+squeezed whole (what inference did before), scored at one operating point against the same fields
+one by one (the 1-field rows).
+
+    python bench/bench_tiled_mosaic.py --ckpt RUN/checkpoints/best.ckpt --split test val \\
+        --source dataset2 [--fields 1 2 4 8 40 400] [--resample 0.5 1 2]
+
+Each (size, mode, resampling) runs in a fresh process, so its peak RSS is its own. Columns: F1 and
+AP50 (segm, else bbox) at the point, cells found / true, class-agnostic cells missed (no prediction
+at IoU >= 0.5) and counted twice (a second prediction at IoU >= 0.5 on a true cell), count error
+per field (|found - true| per class, summed, over the fields), throughput (file megapixels/s), the
+child process's peak RSS, and the F1 of the same fields predicted one by one (whole and tiled; the
+1-field rows, so ``--fields`` must start with 1). ``--cell-diameter`` is the fields' scale given to the tiler, as a lab gives
+its microscope's (default: the median equivalent diameter of the fields' own annotations, times the
+resampling). Not a timed test: the figures go in README with the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import OmegaConf
+from pycocotools import mask as mask_utils
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from leukodet.data.catalog import get_dataset_dicts, register_datasets, split_name  # noqa: E402
+from leukodet.data.imageio import read_image  # noqa: E402
+from leukodet.engine.evaluate import load_detector, operating_point, run_config  # noqa: E402
+from leukodet.engine.predictor import predict_original  # noqa: E402
+from leukodet.engine.tiling import Tiling, TrainedScale, cell_diameter  # noqa: E402
+from leukodet.evaluation.metrics import evaluate  # noqa: E402
+from leukodet.preprocess.mapper import DatasetMapper  # noqa: E402
+
+
+def grid_shape(fields: int) -> tuple[int, int]:
+    """(columns, rows) of a mosaic of this many fields, as wide as or wider than high."""
+    rows = int(math.floor(math.sqrt(fields)))
+    while fields % rows:
+        rows -= 1
+    return fields // rows, rows
+
+
+def moved(annotation: dict, dx: float, dy: float, factor: float) -> dict:
+    x, y, w, h = annotation["bbox"]
+    out = {**annotation, "bbox": [(x + dx) * factor, (y + dy) * factor, w * factor, h * factor],
+           "area": annotation.get("area", w * h) * factor ** 2}
+    if annotation.get("segmentation"):
+        out["segmentation"] = [((np.asarray(p, np.float64).reshape(-1, 2) + (dx, dy)) * factor).ravel().tolist()
+                               for p in annotation["segmentation"]]
+    return out
+
+
+def mosaic(records: list[dict], fields: int, start: int, factor: float, path: Path) -> dict:
+    """Fields ``start ..`` (cycling over ``records``) side by side at their native pixels, each in a
+    cell of the largest field's size (the rest: that field's border colour), resampled by
+    ``factor``; written as a tiled TIFF (read by region when predicted tiled)."""
+    import tifffile
+
+    columns, rows = grid_shape(fields)
+    cell_w, cell_h = max(r["width"] for r in records), max(r["height"] for r in records)
+    canvas = np.zeros((rows * cell_h, columns * cell_w, 3), np.uint8)
+    annotations = []
+    for k in range(fields):
+        record = records[(start + k) % len(records)]
+        image = read_image(record["file_name"])
+        x0, y0 = (k % columns) * cell_w, (k // columns) * cell_h
+        border = np.median(np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]), axis=0)
+        canvas[y0:y0 + cell_h, x0:x0 + cell_w] = border.astype(np.uint8)
+        canvas[y0:y0 + image.shape[0], x0:x0 + image.shape[1]] = image
+        annotations += [moved(a, x0, y0, factor) for a in record["annotations"]]
+    if factor != 1.0:
+        size = (round(canvas.shape[1] * factor), round(canvas.shape[0] * factor))
+        canvas = cv2.resize(canvas, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+    tifffile.imwrite(path, canvas, tile=(256, 256), compression="zlib", photometric="rgb")
+    return {"file_name": str(path), "image_id": start + 1, "width": canvas.shape[1], "height": canvas.shape[0],
+            "annotations": annotations, "box_only": records[0].get("box_only", False)}
+
+
+def predict_child(args: tuple) -> tuple[list, float, float]:
+    """In a fresh process: predictions for the mosaic files, seconds, peak RSS (MB)."""
+    ckpt, files, preprocess, tiling, point, threads = args
+    torch.set_num_threads(threads)
+    detector = load_detector(ckpt).adapter.for_inference()
+    mapper = DatasetMapper(preprocess)
+    predictions = []
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for path in files:
+            sample = (mapper.map_regions(path) if tiling else None) or mapper.map_image(path)
+            predictions.append(predict_original(detector, [sample], point, tiling)[0])
+    seconds = time.perf_counter() - start
+    return predictions, seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def seam_errors(records: list[dict], predictions: list, min_confidence: float) -> tuple[int, int]:
+    """(true cells with no prediction at IoU >= 0.5, extra predictions at IoU >= 0.5 on a true
+    cell), class-agnostic, at ``min_confidence``."""
+    missed = doubles = 0
+    for record, prediction in zip(records, predictions):
+        kept = prediction.above(min_confidence)
+        truths = [mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], record["height"], record["width"]))
+                  if a.get("segmentation") else None for a in record["annotations"]]
+        if kept.rles is not None and all(t is not None for t in truths):
+            iou = mask_utils.iou(kept.rles, truths, [0] * len(truths)) if len(kept) and truths else np.zeros((len(kept), len(truths)))
+        else:
+            iou = mask_utils.iou([list(map(float, b)) for b in kept.boxes],
+                                 [a["bbox"] for a in record["annotations"]], [0] * len(truths))
+            iou = np.asarray(iou).reshape(len(kept), len(truths))
+        hits = (np.asarray(iou).reshape(len(kept), len(truths)) >= 0.5).sum(axis=0)
+        missed += int((hits == 0).sum())
+        doubles += int(np.clip(hits - 1, 0, None).sum())
+    return missed, doubles
+
+
+def score(records, predictions, classes, point, iou) -> dict:
+    result = evaluate(records, predictions, classes, min_confidence=point.min_confidence, iou_threshold=iou)
+    summary, per_image = result.summary(), result.per_image
+    errors = sum((per_image[f"pred_{c}"] - per_image[f"true_{c}"]).abs().sum() for c in classes)
+    missed, doubles = seam_errors(records, predictions, point.min_confidence)
+    return {"f1": summary["f1"], "ap50": summary.get("ap50_segm", summary.get("ap50_bbox")),
+            "found": int(sum(per_image[f"pred_{c}"].sum() for c in classes)),
+            "true": int(sum(per_image[f"true_{c}"].sum() for c in classes)),
+            "missed": missed, "doubles": doubles, "count_error": errors}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--split", nargs="+", default=["test"])
+    parser.add_argument("--source", default=None, help="keep fields whose path contains this (one acquisition)")
+    parser.add_argument("--fields", type=int, nargs="+", default=[1, 2, 4, 8, 40, 400])
+    parser.add_argument("--whole-up-to", type=int, default=40, help="squeezed-whole rows only up to this many fields")
+    parser.add_argument("--resample", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--cell-diameter", type=float, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    cfg = run_config(OmegaConf.create({"ckpt": args.ckpt, "eval": {}, "paths": {},
+                                       "train": {"batch_size": 1, "num_workers": 0}}))
+    register_datasets(cfg.data)
+    records = [r for split in args.split for r in get_dataset_dicts(split_name(cfg.data.name, split))
+               if args.source is None or args.source in r["file_name"]]
+    module = load_detector(args.ckpt)
+    classes = list(module.hparams.class_names)
+    point = operating_point(cfg)
+    trained = TrainedScale(**module.hparams["trained_scale"])
+    field_cell_px = args.cell_diameter or float(np.median([cell_diameter(a) for r in records for a in r["annotations"]]))
+    print(f"{args.ckpt}: {len(records)} fields ({' + '.join(args.split)}, {args.source or 'all sources'}) of "
+          f"{cfg.data.name}, cells {field_cell_px:.1f} px; trained at {trained.as_dict()}; {point.describe()}")
+    preprocess = OmegaConf.to_container(cfg.preprocess, resolve=True)
+    context = multiprocessing.get_context("spawn")
+    rows, single = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for factor in args.resample:
+            tiling = Tiling(trained, field_cell_px * factor)
+            for fields in args.fields:
+                count = max(1, math.ceil(len(records) / fields))  # every field used at least once
+                mosaics = [mosaic(records, fields, i * fields, factor, Path(tmp) / f"m{fields}_{factor}_{i}.tif")
+                           for i in range(count)]
+                for mode, used in (("tiled", tiling), ("whole", None)):
+                    if mode == "whole" and fields > args.whole_up_to:
+                        continue
+                    with context.Pool(1) as pool:
+                        predictions, seconds, peak = pool.apply(predict_child, ((
+                            args.ckpt, [m["file_name"] for m in mosaics], preprocess, used, point.scored(),
+                            args.threads),))
+                    row = {"resample": factor, "fields": fields, "mode": mode, "images": len(mosaics),
+                           "size": f"{mosaics[0]['width']}x{mosaics[0]['height']}",
+                           **score(mosaics, predictions, classes, point, cfg.eval.iou_threshold),
+                           "mp_per_s": sum(m["width"] * m["height"] for m in mosaics) / 1e6 / seconds,
+                           "peak_rss_mb": peak}
+                    row["count_error_per_field"] = row.pop("count_error") / (fields * len(mosaics))
+                    if fields == 1:  # field i is mosaic i
+                        single[(factor, mode)], single[factor] = predictions, mosaics
+                    used_fields = [(i * fields + k) % len(records) for i in range(count) for k in range(fields)]
+                    for reference in ("whole", "tiled"):  # the same fields predicted one by one, at this point
+                        known = single.get((factor, reference))
+                        row[f"f1_per_field_{reference}"] = None if known is None else score(
+                            [single[factor][i] for i in used_fields], [known[i] for i in used_fields], classes, point,
+                            cfg.eval.iou_threshold)["f1"]
+                    rows.append(row)
+                    print(pd.DataFrame([row]).to_string(index=False, header=len(rows) == 1, float_format="%.3f"),
+                          flush=True)
+    print("\n" + pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3f"))
+
+
+if __name__ == "__main__":
+    main()
