@@ -2,7 +2,7 @@
 PYTHON ?= python3
 DEMO_RUN ?= outputs/demo
 
-.PHONY: install demo test test-all
+.PHONY: install demo test test-long test-all
 
 install:
 	$(PYTHON) -m pip install -q -e ".[test]"
@@ -19,6 +19,10 @@ demo: install
 test: install
 	lint-imports
 	$(PYTHON) -m pytest
+
+# End-to-end runs of 25 s or more, kept out of `make test` so it stays under ~10 minutes; CI runs both.
+test-long: install
+	$(PYTHON) -m pytest -m "long and not slow"
 
 test-all: install
 	$(PYTHON) -m pytest -m "slow or not slow"

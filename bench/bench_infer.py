@@ -30,6 +30,7 @@ from leukodet.engine.inference.discovery import discover_images, relative_name
 from leukodet.engine.inference.run import InferenceReader, image_record
 from leukodet.engine.inference.store import RecordStore
 from leukodet.engine.predictor import predict_original
+from leukodet.engine.tiling import run_tiling
 from leukodet.engine.train import trained_point
 from leukodet.viz import draw_predictions, write_rgb
 
@@ -59,9 +60,12 @@ def run_tool(ckpt: Path, folder: Path, out: Path, overrides: list[str]) -> tuple
 
 
 def plain_loop(ckpt: Path, folder: Path, out: Path) -> float:
-    """images/s of the obvious loop: read + preprocess, predict one image, write its outputs."""
+    """images/s of the obvious loop: read + preprocess, predict one image (the tool's detector and
+    tiling), write its outputs."""
     cfg = OmegaConf.load(ckpt.parent.parent / "config.yaml")
     module = load_detector(ckpt)
+    detector = module.adapter.for_inference()
+    tiling = run_tiling(cfg, module.hparams.get("trained_scale"))
     point = trained_point(cfg)
     class_names = list(module.hparams.class_names)
     colors = class_colors(len(class_names))
@@ -73,7 +77,7 @@ def plain_loop(ckpt: Path, folder: Path, out: Path) -> float:
         for path in images:
             image_start = time.perf_counter()
             sample = reader(path)
-            prediction = predict_original(module.adapter, [sample], point)[0]
+            prediction = predict_original(detector, [sample], point, tiling)[0]
             rel = relative_name(path, root)
             write_rgb(store.overlay_path(rel), draw_predictions(sample["display"], prediction, class_names, colors))
             store.save(image_record(rel, path, sample, prediction, class_names, time.perf_counter() - image_start))

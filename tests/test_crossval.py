@@ -87,6 +87,7 @@ def prepared_patients(fold_dir: Path, split: str) -> list[str]:
     return [PATIENT.search(Path(image["file_name"]).name).group(1) for image in images]
 
 
+@pytest.mark.long
 def test_crossval_folds_do_not_leak_and_resume(crossval_run):
     out, (first, second), chosen_on = crossval_run
     assert chosen_on == ["val"] * K
@@ -111,6 +112,7 @@ def test_crossval_folds_do_not_leak_and_resume(crossval_run):
     assert (out / "folds.png").stat().st_size > 0
 
 
+@pytest.mark.long
 def test_sweep_chooses_on_val_by_default_and_warns_on_test(crossval_run, tmp_path, caplog):
     from leukodet.engine.evaluate import evaluate_checkpoint
 
@@ -126,6 +128,7 @@ def test_sweep_chooses_on_val_by_default_and_warns_on_test(crossval_run, tmp_pat
     assert "choosing the operating point on the 'test' split" in caplog.text
 
 
+@pytest.mark.long
 def test_recalibration_on_held_out_images_reuses_the_folds_and_scores_the_rest(crossval_run):
     out, _, _ = crossval_run
     finished = {i: (out / f"fold{i}" / "fold_result.json").stat().st_mtime_ns for i in range(K)}
@@ -160,6 +163,7 @@ def test_calibration_draws_are_fixed_by_seed_and_leave_images_to_score():
             calibration_draws(records, n, 1, seed=0, fold=1)
 
 
+@pytest.mark.long
 def test_a_new_scanners_labelled_images_choose_the_point_and_bias(crossval_run, tmp_path):
     """README, Operating point: a sweep on another labelled dataset (data_from=command) writes the
     bias into thresholds.json; data with other classes is refused by name."""

@@ -106,6 +106,7 @@ def run(*args):
     return done.stdout + done.stderr
 
 
+@pytest.mark.long
 def test_example_trains_with_default_trainer_and_the_tools_load_its_checkpoint(tmp_path):
     run_dir, data = tmp_path / "run", tmp_path / "data"
     log = run(REPO / "examples/detectron2_train_net.py", f"data.root={data}", "data.generate.n_images=12",

@@ -22,6 +22,7 @@ def load_bench():
     return module
 
 
+@pytest.mark.long
 def test_default_trainer_and_leukodet_loop_reach_the_same_losses(tmp_path):
     detectron2, leukodet, same_order = load_bench().run_both(tmp_path, steps=3, scale=0.25)
     assert same_order >= 3

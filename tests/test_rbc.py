@@ -268,6 +268,7 @@ def test_rbc_data_configs_compose():
     assert SizeRule.from_config(sizes.size_classes).classes == list(sizes.classes)
 
 
+@pytest.mark.long
 def test_train_rbc_then_count_table_from_the_cache(tmp_path):
     """`+exp=rbc` end to end with the small default model and a few steps, then the count table."""
     run = tmp_path / "run"

@@ -245,6 +245,7 @@ def kill_when(process: subprocess.Popen, ready, rng: random.Random, timeout: flo
     return True
 
 
+@pytest.mark.long
 def test_inference_killed_at_random_points_ends_byte_identical(tiny_run, tmp_path):
     ckpt = tiny_run / "run" / "checkpoints" / "last.ckpt"
     images = tmp_path / "images"

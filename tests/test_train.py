@@ -50,6 +50,7 @@ def tiny_run_args(tmp_path, max_steps):
             "model.weights=none", f"train.run_dir={tmp_path / 'run'}", f"paths.output_dir={tmp_path / 'outputs'}"]
 
 
+@pytest.mark.long
 def test_hard_kill_then_resume_finishes_the_same_schedule(tmp_path):
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     process = subprocess.Popen(tiny_run_args(tmp_path, 10), cwd=REPO, stdout=subprocess.DEVNULL,
@@ -70,7 +71,7 @@ def test_hard_kill_then_resume_finishes_the_same_schedule(tmp_path):
     assert "resuming from" in done.stdout
     # issue 28: output that is not a terminal gets progress lines, and no third-party notices
     assert re.search(r"step 10/10, loss \d+\.\d+, \d+\.\d+ steps/s", done.stdout)
-    for notice in ("weights_only", "litlogger", "LeafSpec"):
+    for notice in ("weights_only", "litlogger", "LeafSpec", "limit_val_batches", "Total estimated model params"):
         assert notice not in done.stdout + done.stderr
     final = torch.load(last, map_location="cpu", weights_only=True)
     assert final["global_step"] == 10

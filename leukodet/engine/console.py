@@ -27,7 +27,8 @@ def quiet_third_party_noise() -> None:
     """Drop notices about other packages' products and internals (idempotent)."""
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, DropMessages) for f in rank_zero.filters):
-        rank_zero.addFilter(DropMessages("litlogger"))
+        # an advert, and a note that the config's own limit_val_batches=1.0 was configured
+        rank_zero.addFilter(DropMessages("litlogger", "was configured so 100% of the batches"))
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 
 

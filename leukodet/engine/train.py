@@ -241,8 +241,11 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
         logger=[KeepingCsvLogger(run_dir, resume_from), TensorBoardLogger(run_dir, name="tensorboard", version="")],
         callbacks=[best, last, LearningRateMonitor("step"),
                    *([] if terminal else [LogProgress(tcfg.progress_every_steps)])],
-        enable_progress_bar=terminal,
+        enable_progress_bar=terminal, enable_model_summary=False,  # its one-row table: the line below says it
     )
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    logger.info("model %s: %.1f M parameters, %.1f M trained", cfg.model.name,
+                sum(p.numel() for p in module.parameters()) / 1e6, trainable / 1e6)
     last_ckpt = checkpoints / "last.ckpt"
     ckpt_path = str(last_ckpt) if resume_from is not None else None
     if ckpt_path:
