@@ -41,6 +41,8 @@ def test_unknown_and_missing(prepared, tmp_path):
 
 def test_detectron2_catalog_mirror(prepared):
     data = pytest.importorskip("detectron2.data", reason="detectron2 is optional and not installed")
+    import leukodet.integrations.detectron2  # noqa: F401  (the engine imports it; alone, this test must too)
+
     catalog.register_datasets(prepared)
     catalog.register_datasets(prepared)
     assert len(data.DatasetCatalog.get("toy_train")) == 1

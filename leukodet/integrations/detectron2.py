@@ -27,10 +27,12 @@ from leukodet.preprocess.mapper import DatasetMapper
 from leukodet.registry import MODELS
 from leukodet.structures import RAW, Detections, OperatingPoint, to_original
 
-# detectron2 0.6 and fvcore warn of their own deprecated calls at import (fvcore scripts its focal loss
-# with torch.jit, the model zoo imports pkg_resources): nothing a user of leukodet can act on
+# detectron2 0.6 and fvcore warn of their own deprecated calls (fvcore scripts its focal loss with
+# torch.jit, the model zoo imports pkg_resources, the anchor generator calls meshgrid without
+# indexing): nothing a user of leukodet can act on. pyproject.toml lists the same for pytest.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 warnings.filterwarnings("ignore", message=r"pkg_resources is deprecated as an API", category=UserWarning)
+warnings.filterwarnings("ignore", message=r"torch\.meshgrid: in an upcoming release", category=UserWarning)
 
 # leukodet's detectron2 models: registered name -> model-zoo config
 ZOO_CONFIGS = {
