@@ -12,7 +12,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from leukodet.evaluation.metrics import resolve_share_class, evaluate
+from leukodet.evaluation.metrics import evaluate, evaluate_by_source, resolve_share_class
 from leukodet.structures import ImagePredictions
 from leukodet.models.base import Detections
 from leukodet.registry import METRICS
@@ -306,3 +306,23 @@ def test_report_files(tmp_path):
         assert (tmp_path / f"val_{name}").stat().st_size > 0
     strict = json.loads((tmp_path / "val_metrics.json").read_text(), parse_constant=pytest.fail)  # no NaN
     assert strict["table"]["any_cell"]["ap50_segm"] is None and strict["summary"]["f1"] == result.summary()["f1"]
+
+
+def test_figures_per_source_are_each_acquisitions_own_and_the_pool_hides_the_hard_one():
+    """Issue 27: three images of an easy acquisition, one of a hard one whose predictions are
+    another case's (mostly wrong): by source, each row is ``evaluate`` on that source's images alone."""
+    easy_records, easy_preds = noisy_case(seed=1, n_images=3)
+    hard_records, _ = noisy_case(seed=2, n_images=1)
+    _, hard_preds = noisy_case(seed=3, n_images=1)
+    records = [{**r, "source": "scanner_a/via.json"} for r in easy_records] + \
+        [{**r, "source": "scanner_b/via.json"} for r in hard_records]
+    preds = easy_preds + hard_preds
+    table = evaluate_by_source(records, preds, CLASSES, min_confidence=0.3).set_index("source")
+    assert table.images.to_dict() == {"scanner_a/via.json": 3, "scanner_b/via.json": 1}
+    for source, subset in (("scanner_a/via.json", slice(0, 3)), ("scanner_b/via.json", slice(3, 4))):
+        alone = evaluate(records[subset], preds[subset], CLASSES, min_confidence=0.3).summary()
+        assert table.loc[source, "f1"] == alone["f1"] and table.loc[source, "ap50_segm"] == alone["ap50_segm"]
+    pooled = evaluate(records, preds, CLASSES, min_confidence=0.3).summary()["f1"]
+    assert table.loc["scanner_b/via.json", "f1"] < 0.3 < table.loc["scanner_a/via.json", "f1"]
+    assert table.loc["scanner_b/via.json", "f1"] < pooled - 0.2  # the pool hides it
+    assert evaluate_by_source(easy_records, easy_preds, CLASSES).source.tolist() == [""]  # no source recorded

@@ -30,7 +30,7 @@ def to_coco(records: Sequence[ImageRecord], classes: Sequence[str], json_dir: st
     images, annotations, points = [], [], []
     for image_id, record in enumerate(records, start=1):
         images.append({"id": image_id, "width": record.width, "height": record.height,
-                       "file_name": os.path.relpath(record.file_name, json_dir)})
+                       "file_name": os.path.relpath(record.file_name, json_dir), "source": source_name(record.source)})
         for region in record.regions:
             category_id = category_ids[region.label]
             if region.kind == POINT:
@@ -49,6 +49,11 @@ def to_coco(records: Sequence[ImageRecord], classes: Sequence[str], json_dir: st
         "categories": [{"id": i, "name": name, "supercategory": "cell"} for name, i in category_ids.items()],
         "points": points, "leukodet": {"box_only": box_only},
     }
+
+
+def source_name(path: str) -> str:
+    """An annotation file's short name in reports: its folder and name (``dataset1/via_region_data.json``)."""
+    return "/".join(Path(path).parts[-2:]) if path else ""
 
 
 def write_coco(path: str | os.PathLike, records: Sequence[ImageRecord], classes: Sequence[str],
@@ -74,7 +79,7 @@ def load_dataset_dicts(path: str | os.PathLike) -> tuple[list[dict], dict]:
         dicts[image["id"]] = {
             "file_name": str((path.parent / image["file_name"]).resolve()), "image_id": image["id"],
             "height": image["height"], "width": image["width"], "box_only": box_only,
-            "annotations": [], "points": [],
+            "source": image.get("source", ""), "annotations": [], "points": [],
         }
     for ann in coco["annotations"]:
         instance = {"bbox": ann["bbox"], "bbox_mode": BOX_MODE_XYWH_ABS,

@@ -16,6 +16,8 @@ from leukodet.io import atomic_write_text
 logger = logging.getLogger(__name__)
 
 PREPARED_WITH = "prepared_with.json"  # the prepare settings the split files were made with
+# what the split files hold; a new format re-prepares older folders. 2: each image's source (annotation file)
+PREPARED_FORMAT = 2
 
 
 def _plain(node) -> dict:
@@ -32,8 +34,9 @@ def generate_if_configured(data_cfg: Mapping) -> None:
 
 
 def prepare_settings(data_cfg: Mapping) -> str:
-    """``data.prepare`` as canonical JSON: what ``PREPARED_WITH`` holds and is compared with."""
-    return json.dumps(_plain(data_cfg["prepare"]), indent=2, sort_keys=True)
+    """``data.prepare`` and the split files' format as canonical JSON: what ``PREPARED_WITH`` holds
+    and is compared with."""
+    return json.dumps({**_plain(data_cfg["prepare"]), "format": PREPARED_FORMAT}, indent=2, sort_keys=True)
 
 
 def prepare_from_config(data_cfg: Mapping) -> Prepared:
@@ -53,7 +56,7 @@ def ensure_prepared(data_cfg: Mapping) -> list[str]:
     stamp = prepared_dir / PREPARED_WITH
     if missing or not stamp.is_file() or stamp.read_text() != prepare_settings(data_cfg):
         if not missing:
-            logger.warning("%s was prepared with other settings than data.prepare now gives: preparing again",
-                           prepared_dir)
+            logger.warning("%s was prepared with other settings than data.prepare now gives, or by an older "
+                           "leukodet: preparing again", prepared_dir)
         prepare_from_config(data_cfg)
     return register_datasets(data_cfg)

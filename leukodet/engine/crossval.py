@@ -25,9 +25,10 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from leukodet.data.catalog import get_metadata, register_datasets, split_name
-from leukodet.engine.evaluate import bias_class, cached_raw_predictions, load_detector, score_split, sweep_split
+from leukodet.data.pipeline import ensure_prepared
+from leukodet.engine.evaluate import bias_class, cached_raw_predictions, choose_on_val, load_detector, score_split
 from leukodet.engine.train import RunConfigError, config_differences, fit
-from leukodet.evaluation.metrics import evaluate
+from leukodet.evaluation.metrics import evaluate, evaluate_by_source
 from leukodet.evaluation.sweep import sweep
 from leukodet.io import atomic_write_text
 from leukodet.structures import OperatingPoint, refilter
@@ -94,8 +95,7 @@ def run_fold(cfg: DictConfig, index: int, out_dir: Path) -> dict:
     train_seconds = time.perf_counter() - start
     module = load_detector(trained.best_checkpoint)
     max_detections = int(fold_cfg.eval.max_detections)
-    _, chosen = sweep_split(fold_cfg, module, trained.best_checkpoint, "val", fold_dir, max_detections)
-    point = OperatingPoint(chosen["min_confidence"], chosen["nms"], max_detections, "chosen on this fold's val")
+    point, chosen = choose_on_val(fold_cfg, module, trained.best_checkpoint, fold_dir)
     test = score_split(fold_cfg, module, trained.best_checkpoint, "test", point, fold_dir).summary()
     # the best F1 over the same grid on the held-out fold: what an oracle choice would give, shown
     # beside F1 at the chosen point to size the cost of choosing on val; never used to choose
@@ -115,6 +115,23 @@ def run_fold(cfg: DictConfig, index: int, out_dir: Path) -> dict:
            "best_f1": oracle["value"], "best_f1_min_confidence": oracle["min_confidence"], "best_f1_nms": oracle["nms"]}
     atomic_write_text(fold_dir / FOLD_RESULT, json.dumps(row, indent=2))
     return row
+
+
+def figures_by_source(cfg: DictConfig, out_dir: Path, row: dict) -> list[dict]:
+    """A finished fold's held-out figures for each source (annotation file, i.e. acquisition) of its
+    test split, at its val-chosen point: a pooled mean hides a hard acquisition when an easy one
+    holds most images. From the cached raw predictions."""
+    fold_cfg = fold_config(cfg, row["fold"], out_dir / f"fold{row['fold']}")
+    ensure_prepared(fold_cfg.data)  # splits made before sources were recorded are made again
+    checkpoint = Path(fold_cfg.train.run_dir) / "checkpoints" / row["best_checkpoint"]
+    records, raw = cached_raw_predictions(fold_cfg, load_detector(checkpoint), checkpoint, "test")
+    classes = get_metadata(split_name(fold_cfg.data.name, "test"))["thing_classes"]
+    point = OperatingPoint(row["min_confidence"], row["nms"], int(fold_cfg.eval.max_detections))
+    table = evaluate_by_source(records, [refilter(r, point.scored()) for r in raw], classes,
+                               min_confidence=point.min_confidence, iou_threshold=fold_cfg.eval.iou_threshold,
+                               share_class=fold_cfg.eval.get("share_class"))
+    table = table.drop(columns=[c for c in table if c.startswith("count_bias")])
+    return table.rename(columns={"images": "test_images"}).assign(fold=row["fold"]).to_dict("records")
 
 
 def calibration_draws(records: list[dict], n: int, draws: int, seed: int, fold: int) -> list[np.ndarray]:
@@ -241,10 +258,32 @@ def cross_validate(cfg: DictConfig, out_dir: str | Path) -> pd.DataFrame:
     atomic_write_text(out_dir / f"folds{suffix}.csv", table.to_csv(index=False))
     atomic_write_text(out_dir / f"crossval_summary{suffix}.csv", summary.to_csv(index=False))
     plot_folds(table, summary, out_dir / f"folds{suffix}.png")
+    by_source = "" if calibration else log_by_source(cfg, out_dir, rows)
     point = ["calibration_images", "scored_images", "class_bias"] if calibration else ["test_images"]
     shown = ["fold", *point, "min_confidence", "nms", *headline_columns(table)]
     means = "\n".join(f"{r.metric}: {r['mean']:.3f} +- {r.sd:.3f} ({r.folds} folds)" for _, r in summary.iterrows())
-    logger.info("%d of %d folds finished (%s, seed %s, %s steps%s)\n%s\n%s", len(table), k, cfg.crossval.by, cfg.seed,
-                cfg.train.max_steps, f"; recalibrated on {calibration} held-out images, means of the draws"
-                if calibration else "", table[shown].to_string(index=False, float_format=lambda v: f"{v:.3f}"), means)
+    logger.info("%d of %d folds finished (%s, seed %s, %s steps%s)\n%s\n%s%s", len(table), k, cfg.crossval.by,
+                cfg.seed, cfg.train.max_steps, f"; recalibrated on {calibration} held-out images, means of the draws"
+                if calibration else "", table[shown].to_string(index=False, float_format=lambda v: f"{v:.3f}"), means,
+                by_source)
     return summary
+
+
+def log_by_source(cfg: DictConfig, out_dir: Path, rows: list[dict]) -> str:
+    """Every finished fold's figures per source (``figures_by_source``) into ``folds_by_source.csv``,
+    their mean, sd and fold count per source into ``crossval_summary_by_source.csv``; returns the
+    text that reports them beside the pooled figures."""
+    table = pd.DataFrame([figures for row in rows for figures in figures_by_source(cfg, out_dir, row)])
+    summary = pd.concat([summarize(group).assign(source=source) for source, group in table.groupby("source")],
+                        ignore_index=True)[["source", "metric", "mean", "sd", "folds"]]
+    atomic_write_text(out_dir / "folds_by_source.csv", table.to_csv(index=False))
+    atomic_write_text(out_dir / "crossval_summary_by_source.csv", summary.to_csv(index=False))
+    shown = ["fold", "source", "test_images", *headline_columns(table)]
+    text = (f"\nper source (annotation file: an acquisition), at each fold's val-chosen point:\n"
+            f"{table[shown].to_string(index=False, float_format=lambda v: f'{v:.3f}')}")
+    if summary.folds.max() > 1:  # with one fold per source (leave one source out) the rows are the means
+        means = summary.assign(value=[f"{m:.3f} +- {sd:.3f} ({n})" for m, sd, n in summary[["mean", "sd", "folds"]]
+                                      .itertuples(index=False)])
+        per_source = means.pivot(index="metric", columns="source", values="value")
+        text += f"\nmean +- sd (folds) per source:\n{per_source.to_string()}"
+    return text

@@ -21,7 +21,7 @@ from leukodet.engine.module import DetectionModule
 from leukodet.engine.predictor import predict_loader
 from leukodet.engine.tiling import Tiling, run_tiling
 from leukodet.evaluation.counts import CountTable, count_table
-from leukodet.evaluation.metrics import EvaluationResult, evaluate, resolve_share_class
+from leukodet.evaluation.metrics import EvaluationResult, evaluate, evaluate_by_source, resolve_share_class
 from leukodet.evaluation.report import format_table, format_touching, save_report
 from leukodet.report import write_gallery, write_run_report
 from leukodet.evaluation.sweep import cache_key, load_raw, load_thresholds, plot_heatmap, save_raw, save_thresholds, sweep
@@ -209,9 +209,28 @@ def score_split(cfg: DictConfig, module: DetectionModule, checkpoint: str | Path
     if cfg.eval.report:
         write_gallery(records, predictions, meta["thing_classes"], point.min_confidence, cfg.eval.iou_threshold,
                       out_dir / f"{split}_gallery", max_thumbnails=cfg.eval.gallery_images)
-    logger.info("%s: %d images, %s; %s IoU >= %g\n%s\n%s", name, len(records), point.describe(), result.iou_type,
-                cfg.eval.iou_threshold, format_table(result), format_touching(result))
+    logger.info("%s: %d images, %s; %s IoU >= %g\n%s\n%s%s", name, len(records), point.describe(), result.iou_type,
+                cfg.eval.iou_threshold, format_table(result), format_touching(result),
+                score_by_source(cfg, records, predictions, meta["thing_classes"], point, out_dir / f"{split}_"))
     return result
+
+
+BY_SOURCE_FIGURES = ("ap50_segm", "ap50_bbox", "f1", "precision", "recall", "detection_f1", "share_mae",
+                     "count_accuracy")
+
+
+def score_by_source(cfg: DictConfig, records: Sequence[dict], predictions: Sequence[ImagePredictions],
+                    classes: Sequence[str], point: OperatingPoint, prefix: Path) -> str:
+    """Where a split mixes sources (annotation files: acquisitions), the figures of each, written to
+    ``<prefix>metrics_by_source.csv``; returns their table's text ("" for one source)."""
+    if len({r.get("source", "") for r in records}) < 2:
+        return ""
+    table = evaluate_by_source(records, predictions, classes, min_confidence=point.min_confidence,
+                               iou_threshold=cfg.eval.iou_threshold, share_class=cfg.eval.get("share_class"))
+    atomic_write_text(prefix.with_name(f"{prefix.name}metrics_by_source.csv"), table.to_csv(index=False))
+    figures = [c for c in table if (c in BY_SOURCE_FIGURES or c.startswith("count_mae_")) and table[c].notna().any()]
+    text = table[["source", "images", *figures]].to_string(index=False, float_format=lambda v: f"{v:.4f}")
+    return f"\nper source (an acquisition each):\n{text}"
 
 
 # Splits an operating point may be chosen on: choosing on the split a model is scored on makes its
@@ -251,6 +270,17 @@ def sweep_split(cfg: DictConfig, module: DetectionModule, checkpoint: str | Path
                 table[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}"), metric, best["value"],
                 best["min_confidence"], best["nms"], best["class_bias"], thresholds)
     return table, best
+
+
+def choose_on_val(cfg: DictConfig, module: DetectionModule, checkpoint: str | Path,
+                  out_dir: Path) -> tuple[OperatingPoint, dict]:
+    """The operating point with the best ``eval.sweep_metric`` over the ``eval.sweep_*`` grid on the
+    val split, and the sweep's best row (``sweep_split``: thresholds.json beside the checkpoint, so
+    the checkpoint tools use it)."""
+    max_detections = int(cfg.eval.max_detections)
+    _, best = sweep_split(cfg, module, checkpoint, "val", out_dir, max_detections)
+    return OperatingPoint(best["min_confidence"], best["nms"], max_detections, f"chosen on val (best {best['metric']})",
+                          tuple(best["class_bias"])), best
 
 
 def evaluate_checkpoint(cfg: DictConfig, out_dir: str | Path):

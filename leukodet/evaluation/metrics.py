@@ -234,6 +234,20 @@ def evaluate(dataset_dicts: Sequence[dict], predictions: Sequence, class_names: 
     return Evaluator(dataset_dicts, class_names, iou_threshold, share_class)(predictions, iou_type, min_confidence)
 
 
+def evaluate_by_source(dataset_dicts: Sequence[dict], predictions: Sequence, class_names: Sequence[str],
+                       **kwargs) -> pd.DataFrame:
+    """``evaluate`` (same keyword arguments) on each source's images (``source``: the annotation
+    file, i.e. the acquisition, an image came from), a row each: source, images and the summary
+    figures. A pooled figure hides a hard acquisition when an easy one holds most images."""
+    rows = []
+    for source in sorted({d.get("source", "") for d in dataset_dicts}):
+        kept = [i for i, d in enumerate(dataset_dicts) if d.get("source", "") == source]
+        figures = evaluate([dataset_dicts[i] for i in kept], [predictions[i] for i in kept], class_names,
+                           **kwargs).summary()
+        rows.append({"source": source, "images": len(kept), **figures})
+    return pd.DataFrame(rows)
+
+
 def resolve_share_class(share_class: str | None, class_names: Sequence[str]) -> str | None:
     """The class whose share of all cells is reported per image (``eval.share_class``; e.g. the
     lymphoblasts among white cells): by default the first class, none for a one-class dataset."""
