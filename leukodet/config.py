@@ -68,6 +68,9 @@ class TrainConfig:
     devices: Any = "auto"
     strategy: str = "auto"  # e.g. ddp for several GPUs
     precision: str = "auto"  # auto = 16-mixed on a GPU, 32-true on a CPU
+    # after training: choose the operating point on val over the eval.sweep_* grid (thresholds.json,
+    # which evaluate/infer then use) and score the test split there; false: at eval's own point
+    choose_point: bool = True
     resume: bool = True  # continue from run_dir/checkpoints/last.ckpt when it exists
     run_dir: Optional[str] = None  # null = Hydra's run directory
 

@@ -4,6 +4,7 @@ recall of touching vs isolated cells, count-only points, the rbc experiment and 
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -17,7 +18,7 @@ from leukodet.data.via import LabelPolicy, read_via
 from leukodet.evaluation.counts import count_table, merge_classes
 from leukodet.evaluation.metrics import evaluate, touching_instances
 from leukodet.structures import ImagePredictions, OperatingPoint, encode_masks, refilter
-from tests.conftest import REPO, compose
+from conftest import REPO, compose
 
 RBC = ["large", "normal", "small", "undefined"]
 H, W = 60, 80
@@ -216,9 +217,10 @@ def count_case():
 def test_count_table_by_hand_and_equal_to_evaluating_each_threshold():
     records, raw = count_case()
     table = count_table(records, raw, RBC, [0.7, 0.8, 0.9], nms=0.5, max_detections=300)
-    per_image = table.per_image
-    assert per_image.columns.tolist() == ["image", "true", "segmented_0.7", "accuracy_0.7", "segmented_0.8",
-                                          "accuracy_0.8", "segmented_0.9", "accuracy_0.9"]
+    assert table.per_image.columns.tolist() == ["class", "image", "true", "segmented_0.7", "accuracy_0.7",
+                                                "segmented_0.8", "accuracy_0.8", "segmented_0.9", "accuracy_0.9"]
+    assert table.per_image["class"].unique().tolist() == [*RBC, "all"]  # a block per class, then all cells
+    per_image = table.per_image[table.per_image["class"] == "all"].reset_index(drop=True)
     assert per_image.image.tolist() == ["a.jpg", "b.jpg", "c.jpg", "mean"]
     assert per_image.true.tolist() == [4, 2, 0, 2]
     assert per_image["segmented_0.7"].tolist() == [3, 3, 1, pytest.approx(7 / 3)]
@@ -227,16 +229,31 @@ def test_count_table_by_hand_and_equal_to_evaluating_each_threshold():
     means = per_image.iloc[-1]
     assert [means[f"accuracy_{t}"] for t in ("0.7", "0.8", "0.9")] == pytest.approx(
         [(3 / 4 + 1) / 2, (2 / 4 + 1) / 2, (1 / 4 + 1) / 2])
-    assert table.summary.min_confidence.tolist() == [0.7, 0.8, 0.9]
-    for t, row in zip((0.7, 0.8, 0.9), table.summary.itertuples()):
+    # per class (issue 27): image a holds large, normal x2, small; found at 0.7: normal x2 and small,
+    # at 0.9 one normal; b's stray normal is capped by min(found, true); c holds no cell
+    normal = table.per_image[table.per_image["class"] == "normal"].reset_index(drop=True)
+    assert normal.true.tolist()[:3] == [2, 2, 0] and normal["segmented_0.9"].tolist()[:3] == [1, 3, 1]
+    assert normal["accuracy_0.9"].tolist()[:2] == [0.5, 1.0] and normal["accuracy_0.9"].iloc[-1] == 0.75
+    large = table.per_image[table.per_image["class"] == "large"].reset_index(drop=True)
+    assert large.true.tolist()[:3] == [1, 0, 0] and large["accuracy_0.7"].tolist()[0] == 0.0
+    summary = table.summary.set_index(["class", "min_confidence"])
+    assert summary.loc[("large", 0.7), "count_accuracy"] == 0.0
+    assert summary.loc[("normal", 0.9), "count_accuracy"] == 0.75
+    assert np.isnan(summary.loc[("normal", 0.7), "detection_recall"])  # detection figures: all cells only
+    for t in (0.7, 0.8, 0.9):
         direct = evaluate(records, [refilter(r, OperatingPoint(t, 0.5, 300)) for r in raw], RBC)
-        summary = direct.summary()
-        assert row.count_accuracy == summary["count_accuracy"] == means[f"accuracy_{t:g}"]
-        assert row.detection_recall == summary["detection_recall"]
+        figures, row = direct.summary(), summary.loc[("all", t)]
+        assert row.count_accuracy == pytest.approx(figures["count_accuracy"]) == means[f"accuracy_{t:g}"]
+        assert row.detection_recall == figures["detection_recall"]
         assert row.count_mae == direct.table.loc["any_cell", "count_mae"]
+        for name in RBC:
+            assert summary.loc[(name, t), "count_mae"] == figures[f"count_mae_{name}"]
         found = direct.per_image[[f"pred_{c}" for c in RBC]].sum(axis=1).tolist()
         assert per_image[f"segmented_{t:g}"].tolist()[:3] == found
     assert "mean" in table.format() and "count_accuracy" in table.format()
+    one_class = count_table(merge_classes(records), [replace(r, labels=np.zeros_like(r.labels)) for r in raw],
+                            ["cell"], [0.7]).per_image
+    assert one_class["class"].unique().tolist() == ["cell"] and one_class.true.tolist() == [4, 2, 0, 2]
     with pytest.raises(ValueError, match="count_min_confidence is empty"):
         count_table(records, raw, RBC, [])
 
@@ -289,10 +306,13 @@ def test_train_rbc_then_count_table_from_the_cache(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         assert ("cached raw predictions:" in done.stdout) == (attempt == 0)  # the second run reads the cache
     written = pd.read_csv(tmp_path / "ev" / "count_table_test.csv")
-    assert written.columns.tolist() == ["image", "true", "segmented_0.05", "accuracy_0.05", "segmented_0.5",
+    assert written.columns.tolist() == ["class", "image", "true", "segmented_0.05", "accuracy_0.05", "segmented_0.5",
                                         "accuracy_0.5"]
+    assert written["class"].unique().tolist() == ["large", "normal", "small", "all"]
+    written = written[written["class"] == "all"]
     assert len(written) == 3 and written.image.iloc[-1] == "mean" and (written.true.iloc[:-1] > 0).all()
     summary = pd.read_csv(tmp_path / "ev" / "count_summary_test.csv")
+    summary = summary[summary["class"] == "all"]
     assert summary.min_confidence.tolist() == [0.05, 0.5] and summary.touching_cells.iloc[0] > 0
     assert "results saved to" in done.stdout
 

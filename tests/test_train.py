@@ -1,5 +1,6 @@
 """The training loop: configs compose, a hard-killed run resumes on schedule, the default reaches its target."""
 
+import json
 import os
 import re
 import signal
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from leukodet.engine.module import lr_factor
-from tests.conftest import REPO, compose
+from conftest import REPO, compose
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "exp").glob("*.yaml"))
 
@@ -81,6 +82,11 @@ def test_hard_kill_then_resume_finishes_the_same_schedule(tmp_path):
     for _, row in resumed.iterrows():
         assert row["lr-SGD"] == pytest.approx(0.01 * lr_factor(int(row.step), 2, 10, "cosine"), rel=1e-4)
     assert (tmp_path / "run" / "test_metrics.csv").is_file() and (tmp_path / "run" / "loss_curves.png").is_file()
+    # issue 27: the run ends ready to use: its operating point chosen on val, the test split scored there
+    chosen = json.loads((last.parent / "thresholds.json").read_text())
+    assert chosen["split"] == "val" and (tmp_path / "run" / "sweep_val.csv").is_file()
+    assert f"min confidence {chosen['min_confidence']:g}, NMS {chosen['nms']:g}" in done.stdout
+    assert "chosen on val (best f1)" in done.stdout
     report = (tmp_path / "run" / "report.html").read_text()  # the run's page, with its gallery and curves
     assert "test_gallery/gallery.csv" in report and "loss_curves.png" in report
     # issue 14, finding 3: the killed attempt's rows survive the resume (Lightning's CSVLogger deleted
@@ -95,7 +101,8 @@ def test_hard_kill_then_resume_finishes_the_same_schedule(tmp_path):
     done = subprocess.run(evaluate + ["sweep=true", "eval.sweep_min_confidence=[0.1,0.5]", "eval.sweep_nms=[0.3]"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (last.parent / "thresholds.json").is_file() and len(list((last.parent / "cache").glob("raw_val_*.npz"))) == 1
+    assert json.loads((last.parent / "thresholds.json").read_text())["min_confidence"] in (0.1, 0.5)
+    assert len(list((last.parent / "cache").glob("raw_val_*.npz"))) == 2  # best.ckpt's (training's sweep), last.ckpt's
     done = subprocess.run(evaluate[:2] + ["-m", *evaluate[2:], "eval.min_confidence=0.1,0.5"], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -103,7 +110,7 @@ def test_hard_kill_then_resume_finishes_the_same_schedule(tmp_path):
     # scored in tiles at the trained scale: predicted anew (its own cache), at the trained cell size
     done = subprocess.run(evaluate + ["eval.tiling=true"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert len(list((last.parent / "cache").glob("raw_val_*.npz"))) == 2
+    assert len(list((last.parent / "cache").glob("raw_val_*.npz"))) == 3
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from leukodet.data.pipeline import ensure_prepared
 from leukodet.engine.console import LogProgress, output_is_terminal, quiet_third_party_noise
 from leukodet.engine.curves import plot_loss_curves
 from leukodet.engine.data import make_loader
-from leukodet.engine.evaluate import CheckpointError, load_detector, score_split
+from leukodet.engine.evaluate import CheckpointError, choose_on_val, load_detector, score_split
 from leukodet.engine.module import DetectionModule
 from leukodet.engine.tiling import measure_trained_scale
 from leukodet.evaluation.metrics import evaluate
@@ -68,7 +68,7 @@ def trained_point(cfg: DictConfig) -> OperatingPoint:
 # What may change when a run resumes: how long it runs, where, on what hardware and how it is fed,
 # and what other tools read (paths, infer, ...). Anything else would make one run of two.
 RESUME_MAY_CHANGE = ("train.max_steps", "train.run_dir", "train.resume", "train.num_workers", "train.devices",
-                     "train.progress_every_steps",
+                     "train.progress_every_steps", "train.choose_point",
                      "train.accelerator", "train.strategy", "paths", "infer", "ckpt", "input", "split", "sweep")
 
 
@@ -259,7 +259,8 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
 
 
 def train_and_evaluate(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
-    """The main job: fit, draw the loss curves, evaluate the best checkpoint on the test split."""
+    """The main job: fit, draw the loss curves, choose the best checkpoint's operating point on val
+    (``train.choose_point``), then score the test split once, at that point."""
 
     start = time.perf_counter()
     result = fit(cfg, run_dir)
@@ -268,6 +269,8 @@ def train_and_evaluate(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
         plot_loss_curves(metrics_csv, result.run_dir / "loss_curves.png")
     module = load_detector(result.best_checkpoint)
     point = trained_point(cfg)
+    if cfg.train.choose_point:  # ready to use: the checkpoint tools read the chosen point from thresholds.json
+        point, _ = choose_on_val(cfg, module, result.best_checkpoint, result.run_dir)
     score_split(cfg, module, result.best_checkpoint, cfg.eval.split, point, result.run_dir)
     if cfg.eval.report:
         write_run_report(result.run_dir, cfg.eval.split, point=point)

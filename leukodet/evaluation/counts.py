@@ -1,9 +1,11 @@
 """The RBC paper's count-accuracy table, from cached raw predictions (the model runs once).
 
-Per image: the ground-truth cell count and, at each min confidence, the segmented count and the
-accuracy min(segmented, true) / true (all classes together), with a mean row; beside it, per min
-confidence, the evaluator's count and touching-cell figures, so the claim that touching cells
-need a lower min confidence can be read off the same run.
+For each class, and for all cells together when there are several classes (the paper's table
+is per class: a model that calls a small cell normal keeps the total and gets both classes
+wrong): per image the true count and, at each min confidence, the segmented count and the accuracy
+min(segmented, true) / true, with a mean row. Beside it, per class and min confidence, the count
+error, and for all cells the evaluator's detection and touching-cell figures, so the claim that
+touching cells need a lower min confidence can be read off the same run.
 """
 
 from __future__ import annotations
@@ -24,10 +26,16 @@ SUMMARY_COLUMNS = ["count_accuracy", "detection_precision", "detection_recall", 
                    "detection_recall_isolated", "touching_cells", "isolated_cells"]
 
 
+ALL_CELLS = "all"  # the block of every class summed (the table's only block with one class)
+
+
 @dataclass
 class CountTable:
-    per_image: pd.DataFrame  # image, true, segmented_<t>, accuracy_<t> per min confidence t; last row "mean"
-    summary: pd.DataFrame  # one row per min confidence: SUMMARY_COLUMNS and the total count's MAE and bias
+    # class, image, true, segmented_<t>, accuracy_<t> per min confidence t; per class a block of images
+    # and a "mean" row, then the "all" block (classes summed) when there are several classes
+    per_image: pd.DataFrame
+    # per class and min confidence: count accuracy, count MAE and bias; the "all" rows add SUMMARY_COLUMNS
+    summary: pd.DataFrame
 
     def format(self) -> str:
         def text(table: pd.DataFrame) -> str:
@@ -65,22 +73,40 @@ def count_table(dataset_dicts: Sequence[dict], raw: Sequence, class_names: Seque
     evaluator = Evaluator(dataset_dicts, class_names, iou_threshold)
     raw = to_rle_predictions(raw, dataset_dicts)
     binding_warnings(min_confidences, cache_floor, cache_cap, raw)
-    true = np.array([t.counts(len(class_names)).sum() for t in evaluator.truths], dtype=np.int64)
-    columns = {"image": image_names(dataset_dicts), "true": true}
+    blocks = list(class_names) + ([ALL_CELLS] if len(class_names) > 1 else [])
+    true = np.array([t.counts(len(class_names)) for t in evaluator.truths], np.int64).reshape(-1, len(class_names))
+    names = image_names(dataset_dicts)
+    columns = {block: {"class": block, "image": names, "true": block_counts(true, block, class_names)}
+               for block in blocks}
     summary = []
     for min_confidence in min_confidences:
         point = OperatingPoint(min_confidence, nms, max_detections, class_bias=class_bias)
         result = evaluator([refilter(r, point) for r in raw], iou_type)
-        segmented = result.per_image[[f"pred_{name}" for name in class_names]].to_numpy().sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            accuracy = np.where(true > 0, np.minimum(segmented, true) / true, np.nan)
-        columns[f"segmented_{min_confidence:g}"] = segmented
-        columns[f"accuracy_{min_confidence:g}"] = accuracy
+        found = result.per_image[[f"pred_{name}" for name in class_names]].to_numpy()
         figures = result.summary()
-        any_cell = result.table.loc["any_cell"]
-        summary.append({"min_confidence": min_confidence, **{k: figures[k] for k in SUMMARY_COLUMNS},
-                        "count_mae": any_cell["count_mae"], "count_bias": any_cell["count_bias"]})
-    means = {name: mean(values[~np.isnan(values)]) if name.startswith("accuracy") else mean(values)
-             for name, values in columns.items() if name != "image"}
-    per_image = pd.concat([pd.DataFrame(columns), pd.DataFrame([{"image": "mean", **means}])], ignore_index=True)
+        for block in blocks:
+            segmented, block_true = block_counts(found, block, class_names), columns[block]["true"]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                accuracy = np.where(block_true > 0, np.minimum(segmented, block_true) / block_true, np.nan)
+            columns[block][f"segmented_{min_confidence:g}"] = segmented
+            columns[block][f"accuracy_{min_confidence:g}"] = accuracy
+            row = result.table.loc["any_cell" if block == ALL_CELLS or len(blocks) == 1 else block]
+            detection = {k: figures[k] for k in SUMMARY_COLUMNS[1:]} if block == blocks[-1] else {}
+            summary.append({"class": block, "min_confidence": min_confidence,
+                            "count_accuracy": mean(accuracy[~np.isnan(accuracy)]), **detection,
+                            "count_mae": row["count_mae"], "count_bias": row["count_bias"]})
+    per_image = pd.concat([frame for block in blocks for frame in with_mean_row(columns[block])], ignore_index=True)
     return CountTable(per_image, pd.DataFrame(summary))
+
+
+def block_counts(counts: np.ndarray, block: str, class_names: Sequence[str]) -> np.ndarray:
+    """One block's per-image counts from (images, classes) counts: a class's column, or their sum."""
+    return counts.sum(axis=1) if block == ALL_CELLS else counts[:, list(class_names).index(block)]
+
+
+def with_mean_row(columns: dict) -> list[pd.DataFrame]:
+    """A block's image rows and its "mean" row (accuracy: over images with a true cell, as
+    ``count_accuracy``)."""
+    means = {name: mean(values[~np.isnan(values)]) if name.startswith("accuracy") else mean(values)
+             for name, values in columns.items() if name not in ("class", "image")}
+    return [pd.DataFrame(columns), pd.DataFrame([{"class": columns["class"], "image": "mean", **means}])]

@@ -227,13 +227,14 @@ def write_run_report(run_dir: str | os.PathLike, split: str = "test", eval_dir: 
     figures = [figure(run_dir / "loss_curves.png", page_dir, "losses and validation metrics"),
                figure(page_dir / f"{split}_confusion.png", page_dir, "confusion matrix"),
                figure(page_dir / f"{split}_pr_curves.png", page_dir, "precision-recall curves")]
-    # a sweep writes into its own command's folder: look there and in the run
-    heatmaps = {p.name: p for folder in (run_dir, page_dir) for p in sorted(folder.glob(f"sweep_{split}_*.png"))}
-    sweeps = [figure(p, page_dir, f"threshold sweep: {p.stem.removeprefix(f'sweep_{split}_')}")
+    # a sweep writes into its own command's folder: look there and in the run (training's sweep is on val)
+    heatmaps = {p.name: p for folder in (run_dir, page_dir) for p in sorted(folder.glob("sweep_*_*.png"))}
+    sweeps = [figure(p, page_dir, f"threshold sweep on {p.stem.removeprefix('sweep_').replace('_', ': ', 1)}")
               for p in heatmaps.values()]
+    sweep_tables = sorted({*run_dir.glob("sweep_*.csv"), *page_dir.glob("sweep_*.csv")})
     files = [{"name": p.name, "href": url(p, page_dir)} for p in
              (page_dir / f"{split}_metrics.csv", page_dir / f"{split}_metrics.json",
-              page_dir / f"{split}_counts_per_image.csv", page_dir / f"sweep_{split}.csv",
+              page_dir / f"{split}_counts_per_image.csv", *sweep_tables,
               run_dir / "logs" / "metrics.csv") if p.is_file()]
     return render("run.html.j2", page_dir / REPORT_NAME, run_dir=str(run_dir.resolve()), split=split,
                   headline=headline(config) if config else [],

@@ -44,22 +44,25 @@ class CsvWriter(AbstractContextManager):
 
 class CountsCsv(CsvWriter):
     """counts.csv: per image, its size, the count of each class, the total, the share class's
-    share, and the operating point, model and input cell diameter (px) that produced it."""
+    share, and the operating point (class bias included), model and input cell diameter (px) that
+    produced it."""
 
     def __init__(self, path: Path, class_names: Sequence[str], share_class: str | None, settings: dict):
         self.class_names, self.share_class, self.settings = list(class_names), share_class, settings
         tiling = settings.get("tiling")  # the input scale predicted at; blank for whole images
         self.input_cell_px = "" if not tiling else round(tiling["input_cell_px"], 2)
+        bias = settings.get("class_bias")  # e.g. "lymphocyte=4;other_wbc=0"; blank: none
+        self.class_bias = ";".join(f"{c}={b:g}" for c, b in zip(class_names, bias)) if bias else ""
         super().__init__(path, ["image", "width", "height", *(f"count_{c}" for c in class_names), "total",
-                                *([f"{share_class}_share"] if share_class else []), "min_confidence", "nms", "model",
-                                "cell_diameter_px"])
+                                *([f"{share_class}_share"] if share_class else []), "min_confidence", "nms",
+                                "class_bias", "model", "cell_diameter_px"])
 
     def add(self, image_id: int, record: dict) -> None:
         counts = record["counts"]
         share = [format_share(class_share(counts, self.share_class))] if self.share_class else []
         self.csv.writerow([record["file"], record["width"], record["height"], *counts.values(), sum(counts.values()),
-                           *share, self.settings["min_confidence"], self.settings["nms"], self.settings["model"],
-                           self.input_cell_px])
+                           *share, self.settings["min_confidence"], self.settings["nms"], self.class_bias,
+                           self.settings["model"], self.input_cell_px])
 
 
 class DetectionsCsv(CsvWriter):
