@@ -60,7 +60,7 @@ class TrainingForwards:
 
         def after(module, args, output):
             if isinstance(module, GeneralizedRCNN) and module.training:
-                self.losses.append(float(sum(output.values())))
+                self.losses.append(float(sum(output.values()).detach()))
 
         self.handles = [register_module_forward_pre_hook(before), register_module_forward_hook(after)]
         return self

@@ -7,7 +7,7 @@ from leukodet.data import catalog
 from leukodet.data.coco import write_coco
 from leukodet.data.records import POLYGON, ImageRecord, Region
 from leukodet.viz import draw_annotations, render_split
-from tests.conftest import write_image
+from conftest import write_image
 
 SQUARE = np.array([[4, 4], [20, 4], [20, 20], [4, 20]], float)
 

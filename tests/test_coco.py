@@ -11,7 +11,7 @@ from leukodet.data.coco import load_dataset_dicts, read_coco, write_coco
 from leukodet.data.prepare import read_sources
 from leukodet.data.records import BOX, POINT, POLYGON, ImageRecord, Region
 from leukodet.data.via import AnnotationError, LabelPolicy, read_via
-from tests.conftest import write_image
+from conftest import write_image
 
 
 def cell_polygon(cx, cy, r, seed, n=40):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from leukodet.preprocess.mapper import rasterize
-from tests.conftest import compose
+from conftest import compose
 
 d2 = pytest.importorskip("detectron2", reason="detectron2 is optional and not installed (built from source)")
 

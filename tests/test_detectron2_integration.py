@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import REPO, compose
+from conftest import REPO, compose
 
 pytest.importorskip("detectron2", reason="detectron2 is optional and not installed (built from source)")
 

@@ -6,7 +6,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from conftest import REPO
 
 pytest.importorskip("detectron2", reason="detectron2 is optional and not installed (built from source)")
 

@@ -8,7 +8,7 @@ import torch
 from leukodet.data.coco import load_dataset_dicts, write_coco
 from leukodet.preprocess.mapper import DatasetMapper, rasterize
 from leukodet.data.via import LabelPolicy, read_via
-from tests.conftest import compose
+from conftest import compose
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
 

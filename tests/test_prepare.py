@@ -10,7 +10,7 @@ from pycocotools.coco import COCO
 
 from leukodet.data.prepare import balance_with_flips, flip_record, prepare_dataset, rescale_record, split_records
 from leukodet.data.records import POLYGON, ImageRecord, Region
-from tests.conftest import write_image
+from conftest import write_image
 
 TRIANGLE = np.array([[10.0, 5.0], [30.0, 5.0], [10.0, 25.0]])
 

@@ -9,7 +9,7 @@ from leukodet.data.imageio import ImageReadError, image_size, read_image
 from leukodet.preprocess import PreprocessChain, PreprocessState
 from leukodet.preprocess.preview import write_previews
 from leukodet.registry import PREPROCESS, RegistryError
-from tests.conftest import compose
+from conftest import compose
 
 
 def run_step(name, image, **params):

@@ -10,7 +10,7 @@ import pytest
 from leukodet.data.pipeline import prepare_from_config
 from leukodet.data.records import BOX, POINT, POLYGON
 from leukodet.data.via import read_via
-from tests.conftest import compose
+from conftest import compose
 
 pytestmark = pytest.mark.real_data
 

@@ -28,7 +28,7 @@ from leukodet.engine.evaluate import CheckpointError, load_detector
 from leukodet.engine.train import KeepingCsvWriter, config_differences
 from leukodet.evaluation.sweep import load_raw
 from leukodet.io import atomic_write_text
-from tests.conftest import REPO, compose
+from conftest import REPO, compose
 
 RESULTS = ("counts.csv", "detections.csv", "results_coco.json", "folders.csv", "via_project.json", "errors.csv")
 

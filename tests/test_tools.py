@@ -5,7 +5,7 @@ import subprocess
 import sys
 import textwrap
 
-from tests.conftest import REPO
+from conftest import REPO
 
 
 def run_tool(*args, cwd=REPO):

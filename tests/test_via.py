@@ -8,7 +8,7 @@ import pytest
 
 from leukodet.data.records import BOX, POINT, POLYGON
 from leukodet.data.via import CSV_HEADER, AnnotationError, LabelPolicy, polygon_area, read_via
-from tests.conftest import write_image
+from conftest import write_image
 
 SQUARE = {"name": "polygon", "all_points_x": [10, 30, 30, 10], "all_points_y": [10, 10, 30, 30]}
 

@@ -11,7 +11,7 @@ from leukodet.data.coco import read_coco, write_coco
 from leukodet.data.prepare import prepare_dataset
 from leukodet.data.records import BOX, POLYGON
 from leukodet.data.via import CLIPPED, CLOSED_POLYLINE, polygon_area, read_via, shape_to_region
-from tests.conftest import write_image
+from conftest import write_image
 
 WIDTH, HEIGHT = 200, 150
 

@@ -8,7 +8,7 @@ from leukodet.data.coco import read_coco
 from leukodet.data.records import BOX, POINT, POLYGON
 from leukodet.data.via import CLIPPED, CLOSED_POLYLINE, AnnotationError, LabelPolicy, UnmappedLabelError, \
     polygon_area, read_via
-from tests.conftest import write_image
+from conftest import write_image
 
 DATA = Path(__file__).parent / "data" / "via"
 VIA2_JSON = DATA / "via2" / "via_export_json.json"

@@ -41,6 +41,11 @@ class DetectorAdapter(torch.nn.Module):
     def predict(self, batch: list[dict], prefilter: OperatingPoint = RAW) -> list[Detections]:
         raise NotImplementedError
 
+    def backbone_features(self, batch: list[dict]):
+        """The backbone's forward on ``batch`` as prediction preprocesses it (what BatchNorm
+        adaptation, ``leukodet.models.adapt``, runs images through)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot adapt its BatchNorm statistics (no backbone_features)")
+
     def for_inference(self, rpn_proposals: tuple[int, int] | None = None) -> DetectorAdapter:
         """The adapter to predict with once training is over: the same detections, perhaps from
         a faster copy (e.g. BatchNorm folded into convolutions). Default: itself.

@@ -62,6 +62,10 @@ class TorchvisionDetector(DetectorAdapter):
             targets.append(target)
         return self.model(self._images(batch), targets)
 
+    def backbone_features(self, batch: list[dict]):
+        image_list, _ = self.model.transform(self._images(batch))
+        return self.model.backbone(image_list.tensors.contiguous(memory_format=self.memory_format))
+
     @torch.no_grad()
     def predict(self, batch: list[dict], prefilter: OperatingPoint = RAW) -> list[Detections]:
         """torchvision's inference in two stages (``leukodet.models.staged``, which the ONNX export

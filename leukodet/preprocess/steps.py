@@ -14,6 +14,7 @@ New step: decorate a function with ``@step("name")`` and add ``{name: ..., param
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import cv2
@@ -117,6 +118,65 @@ def white_balance(state: PreprocessState, percentile: float = 95.0) -> Preproces
     white = np.percentile(state.image.reshape(-1, 3), percentile, axis=0)
     gain = 255.0 / np.maximum(white, 1.0)
     state.image = np.clip(state.image * gain, 0, 255).astype(np.uint8)
+    state.raw = state.image
+    return state
+
+
+STAIN_METHODS = ("reinhard", "macenko")
+
+
+def stain_normalizer(method: str, reference: dict | None = None):
+    """torchstain's numpy normalizer for ``method``, set to ``reference`` (``fit_stain_reference``'s
+    output) when given."""
+    from torchstain.numpy.normalizers import NumpyMacenkoNormalizer, NumpyReinhardNormalizer
+
+    if method not in STAIN_METHODS:
+        raise ValueError(f"stain normalization method {method!r}: use {' or '.join(STAIN_METHODS)}")
+    normalizer = NumpyReinhardNormalizer() if method == "reinhard" else NumpyMacenkoNormalizer()
+    if reference and method == "reinhard":
+        normalizer.target_means, normalizer.target_stds = (np.asarray(reference[k], np.float64)
+                                                           for k in ("means", "stds"))
+    elif reference:
+        normalizer.HERef = np.asarray(reference["stain_matrix"], np.float64)
+        normalizer.maxCRef = np.asarray(reference["max_concentrations"], np.float64)
+    return normalizer
+
+
+def fit_stain_reference(images: list[np.ndarray], method: str) -> dict:
+    """The reference of a set of RGB images (an acquisition's training images): Reinhard, the mean
+    over images of each LAB channel's mean and spread (the typical image, as every image is mapped
+    onto it alone); Macenko, the stain vectors and 99th-percentile concentrations of all their
+    pixels together."""
+    normalizer = stain_normalizer(method)
+    if method == "reinhard":
+        fitted = []
+        for image in images:
+            normalizer.fit(image)
+            fitted.append((normalizer.target_means, normalizer.target_stds))
+        means, stds = np.mean(fitted, axis=0)
+        return {"means": means.tolist(), "stds": stds.tolist()}
+    normalizer.fit(np.concatenate([image.reshape(-1, 1, 3) for image in images]))
+    return {"stain_matrix": normalizer.HERef.tolist(), "max_concentrations": normalizer.maxCRef.tolist()}
+
+
+@step("stain_normalize")
+def stain_normalize(state: PreprocessState, method: str = "reinhard", reference: dict | None = None) -> PreprocessState:
+    """Map the image's colours onto a reference acquisition's (torchstain: ``reinhard``, each LAB
+    channel's mean and spread; ``macenko``, the stain vectors in optical density), so a model
+    trained on one scanner sees another's images in its own colours. ``reference`` is fitted on the
+    training images (``tools/adapt.py`` does it and stores it in the adapted run's config). Like
+    ``white_balance`` it corrects the acquisition, so ``raw`` is the normalized image too. An image
+    without stained pixels (Macenko finds no stain plane) is left as it is."""
+    if not reference:
+        raise ValueError("stain_normalize needs a reference (fitted on the training images): use tools/adapt.py")
+    normalizer = stain_normalizer(method, reference)
+    try:  # on a stainless image torchstain divides by zero before it fails: its warnings say nothing more
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            state.image = (normalizer.normalize(state.image) if method == "reinhard"
+                           else normalizer.normalize(state.image, stains=False)[0])
+    except (np.linalg.LinAlgError, ValueError, IndexError):  # no stained pixel to estimate the stains from
+        return state
     state.raw = state.image
     return state
 

@@ -1,0 +1,182 @@
+"""Adaptation to a new acquisition from its unlabelled images (issue 27): the stain normalization
+step, AdaBN, and `tools/adapt.py`'s adapted run, which every checkpoint tool takes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import compose
+from leukodet.models.adapt import adapt_batchnorm, running_statistics_layers
+from leukodet.preprocess.steps import PreprocessState, fit_stain_reference, stain_normalize
+from leukodet.registry import MODELS
+from test_infer import trained_run  # noqa: F401  (the 6-step detector fixture, shared)
+
+
+def lab_statistics(image: np.ndarray) -> np.ndarray:
+    """Each LAB channel's mean and spread (OpenCV's 8-bit LAB)."""
+    lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB).reshape(-1, 3).astype(np.float64)
+    return np.concatenate([lab.mean(0), lab.std(0)])
+
+
+@pytest.fixture(scope="module")
+def smears(tmp_path_factory) -> list[np.ndarray]:
+    """Generated smears (RGB), and the same fields as another scanner sees them: bluer, darker, flatter."""
+    from leukodet.data.synthetic import generate_smears
+
+    out = tmp_path_factory.mktemp("stain_smears")
+    generate_smears(out, n_images=6, seed=3, kind="wbc")
+    return [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted((out / "images").glob("*.jpg"))]
+
+
+def other_scanner(image: np.ndarray) -> np.ndarray:
+    shifted = image.astype(np.float64) * [0.75, 0.8, 1.0] * 0.8 + [10, 20, 60]
+    return np.clip(shifted, 0, 255).astype(np.uint8)
+
+
+def test_reinhard_maps_another_scanners_colours_onto_the_training_images(smears):
+    reference = fit_stain_reference(smears[:4], "reinhard")
+    typical = np.mean([lab_statistics(image) for image in smears[:4]], axis=0)
+    for image in smears[4:]:
+        shifted = other_scanner(image)
+        normalized = stain_normalize(PreprocessState.start(shifted), method="reinhard", reference=reference)
+        assert normalized.image.shape == image.shape and normalized.image.dtype == np.uint8
+        assert normalized.raw is normalized.image  # the cells are cut out of the normalized image
+        before = np.abs(lab_statistics(shifted) - typical)
+        after = np.abs(lab_statistics(normalized.image) - typical)
+        assert after.max() < 6, after  # every channel's mean and spread within a few LAB levels
+        assert before.max() > 20 and after.sum() < before.sum() / 4
+
+
+def test_stain_normalization_without_a_reference_or_with_an_unknown_method_says_what_to_do(smears):
+    state = PreprocessState.start(smears[0])
+    with pytest.raises(ValueError, match="needs a reference.*tools/adapt.py"):
+        stain_normalize(state, method="reinhard", reference=None)
+    with pytest.raises(ValueError, match="'vahadane'.*reinhard or macenko"):
+        fit_stain_reference(smears[:2], "vahadane")
+
+
+def test_macenko_reference_round_trips_and_a_stainless_image_is_left_as_it_is(smears):
+    reference = json.loads(json.dumps(fit_stain_reference(smears[:4], "macenko")))  # as stored in config.yaml
+    assert np.asarray(reference["stain_matrix"]).shape == (3, 2)
+    normalized = stain_normalize(PreprocessState.start(smears[4]), method="macenko", reference=reference)
+    assert normalized.image.shape == smears[4].shape and normalized.image.dtype == np.uint8
+    blank = np.full((64, 64, 3), 250, np.uint8)  # background only: no stain to estimate
+    assert stain_normalize(PreprocessState.start(blank), method="macenko", reference=reference).image is blank
+
+
+@pytest.fixture(scope="module")
+def detector():
+    torch.manual_seed(0)
+    return MODELS.build({"name": "maskrcnn_effnet_lite0"}, num_classes=2, min_size=160, max_size=192,
+                        weights="none").eval()
+
+
+def sample(image: np.ndarray) -> dict:
+    return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), "height": image.shape[0],
+            "width": image.shape[1]}
+
+
+def batchnorm_inputs(detector, image: np.ndarray) -> dict:
+    """Each BatchNorm layer's input on one forward of ``image``."""
+    seen = {}
+    hooks = [layer.register_forward_pre_hook(lambda layer, inputs: seen.__setitem__(layer, inputs[0].double()))
+             for layer in running_statistics_layers(detector)]
+    try:
+        with torch.no_grad():
+            detector.backbone_features([sample(image)])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def test_adabn_normalizes_every_layers_input_on_the_new_acquisition_and_touches_nothing_else(detector, smears):
+    image = other_scanner(smears[0])
+    weights = {k: v.clone() for k, v in detector.state_dict().items() if "running_" not in k}
+    before = batchnorm_inputs(detector, image)
+    assert adapt_batchnorm(detector, [sample(image)]) == 1
+    after = batchnorm_inputs(detector, image)
+    assert len(after) == len(running_statistics_layers(detector)) > 40
+    worst_before = worst_after = 0.0
+    for layer, x in after.items():
+        normalized = (x - layer.running_mean.double()[None, :, None, None]) / torch.sqrt(
+            layer.running_var.double()[None, :, None, None] + layer.eps)
+        var = layer.running_var.double()
+        worst_after = max(worst_after, normalized.mean((0, 2, 3)).abs().max().item(),  # var / (var + eps) when exact
+                          (normalized.var((0, 2, 3), unbiased=False) - var / (var + layer.eps)).abs().max().item())
+        x = before[layer]
+        stale = (x - layer.running_mean.double()[None, :, None, None])  # the adapted mean on the unadapted input
+        worst_before = max(worst_before, stale.mean((0, 2, 3)).abs().max().item())
+    assert worst_after < 1e-3  # one image: its own statistics, to rounding
+    assert worst_before > 0.1  # the first layer's input is the same, the deeper ones changed with the adaptation
+    assert all(torch.equal(v, detector.state_dict()[k]) for k, v in weights.items())
+
+
+def test_adabn_on_no_image_fails_and_leaves_the_statistics(detector):
+    saved = [(layer.running_mean.clone(), layer.running_var.clone()) for layer in running_statistics_layers(detector)]
+    with pytest.raises(ValueError, match="no image"):
+        adapt_batchnorm(detector, iter([]))
+    for layer, (mean, var) in zip(running_statistics_layers(detector), saved):
+        assert torch.equal(layer.running_mean, mean) and torch.equal(layer.running_var, var)
+
+
+def test_adapted_run_is_a_run_evaluate_and_infer_take(trained_run, tmp_path):  # noqa: F811
+    from leukodet.engine.adapt import adapt_run
+    from leukodet.engine.evaluate import evaluate_checkpoint, read_checkpoint
+    from leukodet.engine.inference import run_inference
+
+    checkpoint = trained_run / "run" / "checkpoints" / "last.ckpt"
+    new_scanner = tmp_path / "new_scanner"
+    new_scanner.mkdir()
+    for path in sorted((trained_run / "data" / "images").glob("*.jpg"))[:5]:
+        image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+        cv2.imwrite(str(new_scanner / path.name), cv2.cvtColor(other_scanner(image), cv2.COLOR_RGB2BGR))
+    adapted = adapt_run(compose(f"ckpt={checkpoint}", f"input={new_scanner}", "adapt.stain=reinhard",
+                                "adapt.batchnorm=true", "adapt.images=3", config_name="adapt"), tmp_path / "adapted")
+
+    assert adapted == tmp_path / "adapted" / "checkpoints" / "last.ckpt"
+    config = OmegaConf.load(tmp_path / "adapted" / "config.yaml")
+    assert config.adapted.stain == "reinhard" and config.adapted.batchnorm_images == 3
+    assert Path(config.adapted["from"]) == checkpoint.resolve()
+    steps = [s.name for s in config.preprocess.steps]
+    trained_steps = [s.name for s in OmegaConf.load(trained_run / "run" / "config.yaml").preprocess.steps]
+    assert steps == [*trained_steps[:1], "stain_normalize", *trained_steps[1:]] or (
+        steps == ["stain_normalize", *trained_steps])
+    assert len(config.preprocess.steps[steps.index("stain_normalize")].reference.means) == 3
+    state, original = read_checkpoint(adapted), read_checkpoint(checkpoint)
+    assert "optimizer_states" not in state and state["hyper_parameters"] == original["hyper_parameters"]
+    changed = [k for k in original["state_dict"] if not torch.equal(state["state_dict"][k], original["state_dict"][k])]
+    assert changed and all("running_" in k for k in changed)
+
+    result = evaluate_checkpoint(compose(f"ckpt={adapted}", "split=val", "eval.min_confidence=0.05",
+                                         "eval.report=false", config_name="checkpoint"), tmp_path / "eval")
+    assert result is not None and (tmp_path / "eval" / "val_metrics.json").is_file()
+    out = tmp_path / "infer"
+    run_inference(compose(f"ckpt={adapted}", f"input={new_scanner}", f"infer.out_dir={out}", "infer.overlays=false",
+                          "eval.min_confidence=0.05", "infer.num_workers=0", config_name="inference"), out)
+    counts = pd.read_csv(out / "counts.csv")
+    assert sorted(counts.image) == sorted(p.name for p in new_scanner.iterdir())
+    assert not (out / "errors.csv").is_file() or len(pd.read_csv(out / "errors.csv")) == 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["adapt.stain=none", "adapt.batchnorm=false"], "nothing to adapt"),
+    (["adapt.stain=grey"], "adapt.stain=grey: use none, reinhard, macenko"),
+    (["input=null"], "input=... is required"),
+])
+def test_adapt_refuses_what_it_cannot_do(trained_run, tmp_path, overrides, message):  # noqa: F811
+    from leukodet.engine.adapt import adapt_run
+
+    checkpoint = trained_run / "run" / "checkpoints" / "last.ckpt"
+    cfg = compose(f"ckpt={checkpoint}", f"input={trained_run / 'data' / 'images'}", *overrides, config_name="adapt")
+    with pytest.raises(ValueError, match=message):
+        adapt_run(cfg, tmp_path / "adapted")
+    assert not (tmp_path / "adapted").exists()
