@@ -4,6 +4,8 @@ step, AdaBN, and `tools/adapt.py`'s adapted run, which every checkpoint tool tak
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -13,7 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import compose
+from conftest import REPO, compose
 from leukodet.models.adapt import adapt_batchnorm, running_statistics_layers
 from leukodet.preprocess.steps import PreprocessState, fit_stain_reference, stain_normalize
 from leukodet.registry import MODELS
@@ -167,10 +169,23 @@ def test_adapted_run_is_a_run_evaluate_and_infer_take(trained_run, tmp_path):  #
     assert not (out / "errors.csv").is_file() or len(pd.read_csv(out / "errors.csv")) == 0
 
 
+def test_the_default_adaptation_needs_no_new_image_and_keeps_the_weights(trained_run, tmp_path):  # noqa: F811
+    from leukodet.engine.adapt import adapt_run
+    from leukodet.engine.evaluate import read_checkpoint
+
+    checkpoint = trained_run / "run" / "checkpoints" / "last.ckpt"
+    adapted = adapt_run(compose(f"ckpt={checkpoint}", config_name="adapt"), tmp_path / "adapted")
+    config = OmegaConf.load(tmp_path / "adapted" / "config.yaml")
+    assert config.adapted.stain == "reinhard" and config.adapted.batchnorm_images == 0 and config.adapted.input is None
+    assert "stain_normalize" in [s.name for s in config.preprocess.steps]
+    state, original = read_checkpoint(adapted), read_checkpoint(checkpoint)
+    assert all(torch.equal(state["state_dict"][k], v) for k, v in original["state_dict"].items())
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["adapt.stain=none", "adapt.batchnorm=false"], "nothing to adapt"),
     (["adapt.stain=grey"], "adapt.stain=grey: use none, reinhard, macenko"),
-    (["input=null"], "input=... is required"),
+    (["input=null", "adapt.batchnorm=true"], "adapt.batchnorm=true needs input=..."),
 ])
 def test_adapt_refuses_what_it_cannot_do(trained_run, tmp_path, overrides, message):  # noqa: F811
     from leukodet.engine.adapt import adapt_run
@@ -180,3 +195,13 @@ def test_adapt_refuses_what_it_cannot_do(trained_run, tmp_path, overrides, messa
     with pytest.raises(ValueError, match=message):
         adapt_run(cfg, tmp_path / "adapted")
     assert not (tmp_path / "adapted").exists()
+
+
+def test_the_tool_names_a_missing_checkpoint_in_one_line(tmp_path):
+    missing = tmp_path / "nowhere" / "best.ckpt"
+    done = subprocess.run([sys.executable, str(REPO / "tools/adapt.py"), f"ckpt={missing}",
+                           f"hydra.run.dir={tmp_path / 'adapted'}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"error: {missing}: no such checkpoint file")
+    assert not (tmp_path / "adapted" / "checkpoints").exists()

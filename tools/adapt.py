@@ -1,6 +1,6 @@
 """Adapt a trained run to a new acquisition from a folder of its unlabelled images:
 
-    python tools/adapt.py ckpt=outputs/runs/.../checkpoints/best.ckpt input=new_scanner/   # Reinhard
+    python tools/adapt.py ckpt=outputs/runs/.../checkpoints/best.ckpt      # Reinhard: reads no new image
     python tools/adapt.py ckpt=... input=new_scanner/ adapt.stain=none adapt.batchnorm=true      # AdaBN
     python tools/infer.py ckpt=outputs/adapted/<date>/<time>/checkpoints/best.ckpt input=new_scanner/
 """

@@ -56,19 +56,21 @@ def with_stain_step(preprocess: DictConfig, method: str, reference: dict) -> Dic
 
 
 def adapt_run(cfg: DictConfig, out_dir: str | Path) -> Path:
-    """Adapt ``ckpt``'s run to the images under ``input`` (``adapt.stain``, ``adapt.batchnorm``) and
-    write the adapted run into ``out_dir``; returns the adapted checkpoint's path."""
+    """Adapt ``ckpt``'s run to a new acquisition (``adapt.stain``, ``adapt.batchnorm``: the images
+    under ``input``) and write the adapted run into ``out_dir``; returns the adapted checkpoint's
+    path. Stain normalization reads no new image: each is mapped onto the training reference alone
+    when it is predicted."""
     settings, out_dir = cfg.adapt, Path(out_dir)
     if settings.stain not in ("none", *STAIN_METHODS):
         raise ValueError(f"adapt.stain={settings.stain}: use none, {', '.join(STAIN_METHODS)}")
     if settings.stain == "none" and not settings.batchnorm:
         raise ValueError("nothing to adapt: give adapt.stain=reinhard|macenko and/or adapt.batchnorm=true")
-    if not cfg.get("input"):
-        raise ValueError("input=... is required: a folder of the new acquisition's images (no labels needed)")
+    if settings.batchnorm and not cfg.get("input"):
+        raise ValueError("adapt.batchnorm=true needs input=...: a folder of the new acquisition's images (no labels "
+                         "needed)")
     run_cfg = run_config(cfg)
     checkpoint = Path(cfg.ckpt)
     trained = OmegaConf.load(checkpoint.parent.parent / "config.yaml")
-    _, images = discover_images(cfg.input)
     if settings.stain != "none":
         ensure_prepared(run_cfg.data)
         records = sample(get_dataset_dicts(split_name(run_cfg.data.name, "train")), int(settings.reference_images),
@@ -82,7 +84,7 @@ def adapt_run(cfg: DictConfig, out_dir: str | Path) -> Path:
     used = 0
     if settings.batchnorm:
         mapper = DatasetMapper(trained.preprocess)
-        picked = sample(images, int(settings.images), int(cfg.seed))
+        picked = sample(discover_images(cfg.input)[1], int(settings.images), int(cfg.seed))
         used = adapt_batchnorm(module.adapter, (mapper.map_image(path) for path in tqdm(
             picked, desc="BatchNorm statistics", unit="img")))
         logger.info("BatchNorm statistics re-estimated on %d images of %s", used, cfg.input)
@@ -95,7 +97,7 @@ def adapt_run(cfg: DictConfig, out_dir: str | Path) -> Path:
     torch.save(state, adapted)
     if (checkpoint.parent / "thresholds.json").is_file():  # the run's chosen point, until a sweep here replaces it
         shutil.copy(checkpoint.parent / "thresholds.json", adapted.parent / "thresholds.json")
-    trained.adapted = {"from": str(checkpoint.resolve()), "input": str(Path(cfg.input).resolve()),
+    trained.adapted = {"from": str(checkpoint.resolve()), "input": str(Path(cfg.input).resolve()) if used else None,
                        "stain": settings.stain, "batchnorm_images": used}
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(trained, resolve=True))
     logger.info("adapted checkpoint: %s", adapted)
