@@ -3,7 +3,7 @@
 Takes a finished `crossval.by=source` run (each fold trained on one acquisition, its test split the
 other, its operating point chosen on a val split of its own acquisition) and, for each fold and
 each adaptation, runs the user's commands: `tools/adapt.py` on the held-out acquisition's image
-folder (unlabelled: AdaBN reads pixels only), then `tools/evaluate.py split=test` on the adapted
+folder (unlabelled: AdaBN and self-training read pixels only), then `tools/evaluate.py split=test` on the adapted
 checkpoint at the fold's val-chosen point. The baseline is the same evaluation of the unadapted
 checkpoint. Nothing is chosen on the held-out images.
 
@@ -33,6 +33,8 @@ ADAPTATIONS = {  # name: tools/adapt.py overrides (none: the checkpoint as train
     "reinhard": ["adapt.stain=reinhard", "adapt.batchnorm=false"],
     "macenko": ["adapt.stain=macenko", "adapt.batchnorm=false"],
     "reinhard+adabn": ["adapt.stain=reinhard", "adapt.batchnorm=true"],
+    "self_training": ["adapt.stain=none", "adapt.batchnorm=false", "adapt.self_training.steps=400"],
+    "reinhard+self_training": ["adapt.stain=reinhard", "adapt.batchnorm=false", "adapt.self_training.steps=400"],
 }
 FIGURES = ["f1", "ap50_segm", "detection_f1", "share_mae"]
 
@@ -73,7 +75,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("crossval_dir", type=Path, help="a finished crossval.by=source folder")
     parser.add_argument("--adaptations", nargs="+", default=list(ADAPTATIONS), choices=list(ADAPTATIONS))
-    parser.add_argument("--images", type=int, default=64, help="adapt.images: held-out images AdaBN reads")
+    parser.add_argument("--images", type=int, default=64,
+                        help="adapt.images: held-out images AdaBN and self-training read")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_adaptation")
     args = parser.parse_args()
     folds = sorted(p for p in args.crossval_dir.glob("fold*") if (p / "fold_result.json").is_file())

@@ -19,6 +19,7 @@ from conftest import REPO, compose
 from leukodet.models.adapt import adapt_batchnorm, running_statistics_layers
 from leukodet.preprocess.steps import PreprocessState, fit_stain_reference, stain_normalize
 from leukodet.registry import MODELS
+from leukodet.structures import OperatingPoint
 from test_infer import trained_run  # noqa: F401  (the 6-step detector fixture, shared)
 
 
@@ -182,10 +183,66 @@ def test_the_default_adaptation_needs_no_new_image_and_keeps_the_weights(trained
     assert all(torch.equal(state["state_dict"][k], v) for k, v in original["state_dict"].items())
 
 
+def test_pseudo_labels_are_the_outlines_of_the_models_masks(smears, tmp_path, monkeypatch):
+    """Each confident detection becomes an annotation of its class whose outline covers its mask."""
+    from pycocotools import mask as mask_utils
+
+    from leukodet.engine import adapt
+    from leukodet.structures import ImagePredictions
+
+    paths, masks = [], []
+    for i, image in enumerate(smears[:2]):
+        paths.append(tmp_path / f"field{i}.png")
+        cv2.imwrite(str(paths[-1]), image)
+        masks.append([cv2.ellipse(np.zeros(image.shape[:2], np.uint8), (40 + 70 * k, 60 + 10 * i), (25, 18), 30 * k,
+                                  0, 360, 1, -1) for k in range(3)])
+
+    def predicted(run_cfg, module, records, point, desc):
+        assert [r["file_name"] for r in records] == [str(p) for p in paths] and point.min_confidence == 0.9
+        return [ImagePredictions(np.zeros((3, 4), np.float32), np.full(3, 0.95, np.float32), np.array([0, 1, 1]),
+                                 [mask_utils.encode(np.asfortranarray(m)) for m in cells]) for cells in masks]
+
+    monkeypatch.setattr(adapt, "predict_split", predicted)
+    monkeypatch.setattr(adapt, "get_metadata", lambda name: {"thing_classes": ["lymphocyte", "other_wbc"]})
+    run_cfg = OmegaConf.create({"data": {"name": "any"}})
+    records = adapt.pseudo_labels(run_cfg, None, paths, OperatingPoint(0.9, 0.5, 300), tmp_path / "pseudo.json")
+    assert [Path(r["file_name"]) for r in records] == [p.resolve() for p in paths]
+    for record, cells, image in zip(records, masks, smears):
+        assert (record["height"], record["width"]) == image.shape[:2]
+        assert [a["category_id"] for a in record["annotations"]] == [0, 1, 1]
+        for annotation, mask in zip(record["annotations"], cells):
+            drawn = mask_utils.decode(mask_utils.frPyObjects(annotation["segmentation"], *image.shape[:2]))[..., 0]
+            assert (drawn & mask).sum() / (drawn | mask).sum() > 0.9
+
+
+def test_self_training_fine_tunes_on_the_new_images_labelled_by_the_model(trained_run, tmp_path):  # noqa: F811
+    from leukodet.engine.adapt import adapt_run
+    from leukodet.engine.evaluate import read_checkpoint
+
+    checkpoint = trained_run / "run" / "checkpoints" / "last.ckpt"
+    new_images = trained_run / "data" / "images"
+    cfg = compose(f"ckpt={checkpoint}", f"input={new_images}", "adapt.stain=none", "adapt.self_training.steps=4",
+                  "adapt.self_training.min_confidence=0", "adapt.images=3", "eval.min_confidence=0.05",
+                  config_name="adapt")
+    adapted = adapt_run(cfg, tmp_path / "adapted")
+
+    config = OmegaConf.load(tmp_path / "adapted" / "config.yaml")
+    labels = json.loads((tmp_path / "adapted" / "self_training" / "pseudo_labels.json").read_text())
+    assert config.adapted.self_training_steps == 4 and config.adapted.pseudo_labelled_images == len(labels["images"]) == 3
+    assert config.adapted.pseudo_labelled_cells == len(labels["annotations"]) > 0
+    tuned = OmegaConf.load(tmp_path / "adapted" / "self_training" / "config.yaml").train
+    trained = OmegaConf.load(trained_run / "run" / "config.yaml").train
+    assert tuned.max_steps == 4 and tuned.lr == pytest.approx(trained.lr * 0.1)
+    state, original = read_checkpoint(adapted), read_checkpoint(checkpoint)
+    assert any(not torch.equal(state["state_dict"][k], v) for k, v in original["state_dict"].items()
+               if "running_" not in k)  # fine-tuned: weights moved
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["adapt.stain=none", "adapt.batchnorm=false"], "nothing to adapt"),
     (["adapt.stain=grey"], "adapt.stain=grey: use none, reinhard, macenko"),
-    (["input=null", "adapt.batchnorm=true"], "adapt.batchnorm=true needs input=..."),
+    (["input=null", "adapt.batchnorm=true"], "adapt.batchnorm and adapt.self_training need input=..."),
+    (["input=null", "adapt.self_training.steps=2"], "adapt.batchnorm and adapt.self_training need input=..."),
 ])
 def test_adapt_refuses_what_it_cannot_do(trained_run, tmp_path, overrides, message):  # noqa: F811
     from leukodet.engine.adapt import adapt_run

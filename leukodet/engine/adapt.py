@@ -1,10 +1,11 @@
 """`tools/adapt.py`: a trained run adapted to a new acquisition from its unlabelled images.
 
-Two options, each measured by leaving one acquisition out in both directions (README, Adapting to a
-new scanner): a stain normalization step mapping every image's colours onto the training images'
-(``preprocess.steps.stain_normalize``, its reference fitted here on the run's train split), and AdaBN
+Three options, each measured by leaving one acquisition out in both directions (README, Adapting to
+a new scanner): a stain normalization step mapping every image's colours onto the training images'
+(``preprocess.steps.stain_normalize``, its reference fitted here on the run's train split), AdaBN
 (``models.adapt.adapt_batchnorm``: the backbone's BatchNorm statistics re-estimated on the new
-images). The result is a run directory like a trained one: ``config.yaml`` (the run's, with the
+images), and pseudo-label self-training (``self_train``: the model's confident detections on the new
+images become their labels, and it is fine-tuned on them with its own train split). The result is a run directory like a trained one: ``config.yaml`` (the run's, with the
 stain step in its preprocessing and an ``adapted`` block saying what was done) and
 ``checkpoints/<name>.ckpt`` (the adapted weights) beside a copy of ``thresholds.json``, so
 evaluate, count_table, infer and export take it as they take any checkpoint.
@@ -21,15 +22,23 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from leukodet.data.catalog import get_dataset_dicts, split_name
-from leukodet.data.imageio import read_image
+from pycocotools import mask as mask_utils
+
+from leukodet.data.catalog import get_dataset_dicts, get_metadata, split_name
+from leukodet.data.coco import load_dataset_dicts, write_coco
+from leukodet.data.imageio import image_size, read_image
 from leukodet.data.pipeline import ensure_prepared
-from leukodet.engine.evaluate import load_detector, read_checkpoint, run_config
+from leukodet.data.records import POLYGON, ImageRecord, Region
+from leukodet.data.via_export import mask_polygon
+from leukodet.engine.evaluate import load_detector, operating_point, predict_split, read_checkpoint, run_config
 from leukodet.engine.inference.discovery import discover_images
+from leukodet.engine.module import DetectionModule
+from leukodet.engine.train import fit
 from leukodet.io import atomic_write_text
 from leukodet.models.adapt import adapt_batchnorm
 from leukodet.preprocess.mapper import DatasetMapper
 from leukodet.preprocess.steps import STAIN_METHODS, fit_stain_reference
+from leukodet.structures import OperatingPoint
 
 logger = logging.getLogger(__name__)
 
@@ -55,24 +64,71 @@ def with_stain_step(preprocess: DictConfig, method: str, reference: dict) -> Dic
     return OmegaConf.create(adapted)
 
 
+def pseudo_labels(run_cfg: DictConfig, module: DetectionModule, images: list[Path], point: OperatingPoint,
+                  path: Path) -> list[dict]:
+    """``images`` labelled by ``module``'s detections at ``point`` (each mask's largest part as its
+    outline, as a person would click it), written as COCO to ``path`` for a look, and returned as
+    dataset dicts for training."""
+    classes = get_metadata(split_name(run_cfg.data.name, "train"))["thing_classes"]
+    predictions = predict_split(run_cfg, module, [{"file_name": str(p), "image_id": i} for i, p in enumerate(images)],
+                                point, "pseudo-labels")
+    records = []
+    for image, prediction in zip(images, predictions):
+        outlines = [(label, mask_polygon(mask_utils.decode(rle))) for label, rle in
+                    zip(prediction.labels, prediction.rles or [])]
+        width, height = image_size(image)
+        records.append(ImageRecord(str(image), [Region(classes[label], POLYGON, outline.astype(np.float64))
+                                                for label, outline in outlines if outline is not None],
+                                   width, height, source="pseudo-labels"))
+    write_coco(path, records, classes)
+    return load_dataset_dicts(path)[0]
+
+
+def self_train(run_cfg: DictConfig, trained: DictConfig, module: DetectionModule, images: list[Path],
+               settings: DictConfig, out_dir: Path) -> tuple[DetectionModule, int]:
+    """Pseudo-label self-training, one offline round (Lee 2013; mean teacher is its online form):
+    the new images labelled by the model's own detections at its operating point with min
+    confidence raised to ``settings.min_confidence``, then the model fine-tuned from its weights on
+    its train split plus them (``train.lr`` x ``settings.lr_factor``, ``settings.steps`` steps; the
+    run in ``out_dir``). Returns the fine-tuned model (its last checkpoint) and the number of
+    pseudo-labelled cells."""
+    point = operating_point(run_cfg)
+    point = OperatingPoint(max(point.min_confidence, float(settings.min_confidence)), point.nms, point.max_detections,
+                           "pseudo-labels", point.class_bias)
+    labelled = pseudo_labels(run_cfg, module, images, point, out_dir / "pseudo_labels.json")
+    cells = sum(len(record["annotations"]) for record in labelled)
+    logger.info("pseudo-labels: %d cells on %d images (%s); fine-tuning %d steps", cells, len(labelled),
+                point.describe(), settings.steps)
+    tuning = OmegaConf.create(OmegaConf.to_container(trained, resolve=True))
+    tuning.train.max_steps = tuning.train.steps_per_epoch = int(settings.steps)
+    tuning.train.warmup_steps = min(int(tuning.train.warmup_steps), int(settings.steps) // 10)
+    tuning.train.lr = float(tuning.train.lr) * float(settings.lr_factor)
+    tuning.train.run_dir = str(out_dir)
+    result = fit(tuning, out_dir, extra_train=labelled, init_weights=module.state_dict())
+    return load_detector(result.last_checkpoint), cells
+
+
 def adapt_run(cfg: DictConfig, out_dir: str | Path) -> Path:
-    """Adapt ``ckpt``'s run to a new acquisition (``adapt.stain``, ``adapt.batchnorm``: the images
-    under ``input``) and write the adapted run into ``out_dir``; returns the adapted checkpoint's
-    path. Stain normalization reads no new image: each is mapped onto the training reference alone
-    when it is predicted."""
+    """Adapt ``ckpt``'s run to a new acquisition (``adapt.stain``, ``adapt.batchnorm``,
+    ``adapt.self_training``: the last two read the images under ``input``) and write the adapted run
+    into ``out_dir``; returns the adapted checkpoint's path. Stain normalization reads no new image:
+    each is mapped onto the training reference alone when it is predicted."""
     settings, out_dir = cfg.adapt, Path(out_dir)
+    tuning_steps = int(settings.self_training.steps)
     if settings.stain not in ("none", *STAIN_METHODS):
         raise ValueError(f"adapt.stain={settings.stain}: use none, {', '.join(STAIN_METHODS)}")
-    if settings.stain == "none" and not settings.batchnorm:
-        raise ValueError("nothing to adapt: give adapt.stain=reinhard|macenko and/or adapt.batchnorm=true")
-    if settings.batchnorm and not cfg.get("input"):
-        raise ValueError("adapt.batchnorm=true needs input=...: a folder of the new acquisition's images (no labels "
-                         "needed)")
+    if settings.stain == "none" and not settings.batchnorm and not tuning_steps:
+        raise ValueError("nothing to adapt: give adapt.stain=reinhard|macenko, adapt.batchnorm=true and/or "
+                         "adapt.self_training.steps=N")
+    if (settings.batchnorm or tuning_steps) and not cfg.get("input"):
+        raise ValueError("adapt.batchnorm and adapt.self_training need input=...: a folder of the new acquisition's "
+                         "images (no labels needed)")
     run_cfg = run_config(cfg)
     checkpoint = Path(cfg.ckpt)
     trained = OmegaConf.load(checkpoint.parent.parent / "config.yaml")
+    images = sample(discover_images(cfg.input)[1], int(settings.images), int(cfg.seed)) if cfg.get("input") else []
+    ensure_prepared(run_cfg.data)  # the train split: the stain reference's images, self-training's labelled half
     if settings.stain != "none":
-        ensure_prepared(run_cfg.data)
         records = sample(get_dataset_dicts(split_name(run_cfg.data.name, "train")), int(settings.reference_images),
                          int(cfg.seed))
         reference = fit_stain_reference([read_image(r["file_name"]) for r in tqdm(records, desc="stain reference",
@@ -81,13 +137,15 @@ def adapt_run(cfg: DictConfig, out_dir: str | Path) -> Path:
         logger.info("stain normalization (%s) to the training images' reference, fitted on %d of them: %s",
                     settings.stain, len(records), reference)
     module = load_detector(checkpoint)
-    used = 0
+    used = cells = 0
     if settings.batchnorm:
         mapper = DatasetMapper(trained.preprocess)
-        picked = sample(discover_images(cfg.input)[1], int(settings.images), int(cfg.seed))
         used = adapt_batchnorm(module.adapter, (mapper.map_image(path) for path in tqdm(
-            picked, desc="BatchNorm statistics", unit="img")))
+            images, desc="BatchNorm statistics", unit="img")))
         logger.info("BatchNorm statistics re-estimated on %d images of %s", used, cfg.input)
+    if tuning_steps:
+        run_cfg.preprocess = trained.preprocess  # the new images labelled as the adapted run will see them
+        module, cells = self_train(run_cfg, trained, module, images, settings.self_training, out_dir / "self_training")
     state = read_checkpoint(checkpoint)
     state["state_dict"] = {key: value.cpu() for key, value in module.state_dict().items()}
     for key in TRAINING_ONLY:
@@ -97,8 +155,10 @@ def adapt_run(cfg: DictConfig, out_dir: str | Path) -> Path:
     torch.save(state, adapted)
     if (checkpoint.parent / "thresholds.json").is_file():  # the run's chosen point, until a sweep here replaces it
         shutil.copy(checkpoint.parent / "thresholds.json", adapted.parent / "thresholds.json")
-    trained.adapted = {"from": str(checkpoint.resolve()), "input": str(Path(cfg.input).resolve()) if used else None,
-                       "stain": settings.stain, "batchnorm_images": used}
+    trained.adapted = {"from": str(checkpoint.resolve()),
+                       "input": str(Path(cfg.input).resolve()) if used or tuning_steps else None,
+                       "stain": settings.stain, "batchnorm_images": used, "self_training_steps": tuning_steps,
+                       "pseudo_labelled_images": len(images) if tuning_steps else 0, "pseudo_labelled_cells": cells}
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(trained, resolve=True))
     logger.info("adapted checkpoint: %s", adapted)
     return adapted

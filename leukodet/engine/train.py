@@ -6,6 +6,7 @@ import csv
 import logging
 import time
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -195,9 +196,11 @@ def precision_for(setting: str) -> str:
     return "16-mixed" if torch.cuda.is_available() else "32-true"
 
 
-def fit(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
-    """Train ``cfg.model`` on ``cfg.data``'s train split, validating on val; resume if a
-    ``last.ckpt`` is in ``run_dir``. Returns the checkpoints written."""
+def fit(cfg: DictConfig, run_dir: str | Path, extra_train: Sequence[dict] = (),
+        init_weights: dict | None = None) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.data``'s train split (and ``extra_train``, more dataset dicts),
+    validating on val; resume if a ``last.ckpt`` is in ``run_dir``, else start from ``init_weights``
+    (a state dict) when given. Returns the checkpoints written."""
     run_dir = Path(run_dir)
     resume_from = resume_step(cfg, run_dir)  # refuses before anything in run_dir changes
     L.seed_everything(cfg.seed, workers=True)
@@ -208,8 +211,9 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     train_mapper = DatasetMapper(cfg.preprocess, cfg.augment, is_train=True)
     eval_mapper = DatasetMapper(cfg.preprocess, None, is_train=False)
     tcfg = cfg.train
-    train_loader = make_loader(get_dataset_dicts(split_name(name, "train")), train_mapper, tcfg.batch_size, True,
-                               tcfg.num_workers, cfg.seed, class_balanced=tcfg.sampler == "class_balanced")
+    train_loader = make_loader([*get_dataset_dicts(split_name(name, "train")), *extra_train], train_mapper,
+                               tcfg.batch_size, True, tcfg.num_workers, cfg.seed,
+                               class_balanced=tcfg.sampler == "class_balanced")
     val_loader = make_loader(get_dataset_dicts(split_name(name, "val")), eval_mapper, tcfg.batch_size, False,
                              tcfg.num_workers, cfg.seed)
 
@@ -243,6 +247,8 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
                    *([] if terminal else [LogProgress(tcfg.progress_every_steps)])],
         enable_progress_bar=terminal, enable_model_summary=False,  # its one-row table: the line below says it
     )
+    if init_weights is not None:
+        module.load_state_dict(init_weights)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     logger.info("model %s: %.1f M parameters, %.1f M trained", cfg.model.name,
                 sum(p.numel() for p in module.parameters()) / 1e6, trainable / 1e6)
