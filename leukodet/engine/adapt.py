@@ -5,10 +5,11 @@ a new scanner): a stain normalization step mapping every image's colours onto th
 (``preprocess.steps.stain_normalize``, its reference fitted here on the run's train split), AdaBN
 (``models.adapt.adapt_batchnorm``: the backbone's BatchNorm statistics re-estimated on the new
 images), and pseudo-label self-training (``self_train``: the model's confident detections on the new
-images become their labels, and it is fine-tuned on them with its own train split). The result is a run directory like a trained one: ``config.yaml`` (the run's, with the
-stain step in its preprocessing and an ``adapted`` block saying what was done) and
-``checkpoints/<name>.ckpt`` (the adapted weights) beside a copy of ``thresholds.json``, so
-evaluate, count_table, infer and export take it as they take any checkpoint.
+images become their labels, and it is fine-tuned on them with its own train split). The result is a
+run directory like a trained one: ``config.yaml`` (the run's, with the stain step in its
+preprocessing and an ``adapted`` block saying what was done) and ``checkpoints/<name>.ckpt`` (the
+adapted weights) beside a copy of ``thresholds.json``, so evaluate, count_table, infer and export
+take it as they take any checkpoint.
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
-
 from pycocotools import mask as mask_utils
+from tqdm import tqdm
 
 from leukodet.data.catalog import get_dataset_dicts, get_metadata, split_name
 from leukodet.data.coco import load_dataset_dicts, write_coco
