@@ -13,7 +13,11 @@ per field (|found - true| per class, summed, over the fields), throughput (file 
 child process's peak RSS, and the F1 of the same fields predicted one by one (whole and tiled; the
 1-field rows, so ``--fields`` must start with 1). ``--cell-diameter`` is the fields' scale given to the tiler, as a lab gives
 its microscope's (default: the median equivalent diameter of the fields' own annotations, times the
-resampling). Not a timed test: the figures go in README with the command.
+resampling). ``--sahi`` adds rows of SAHI's sliced prediction (``pip install sahi``) over the same
+torchvision model, slices of the same size and overlap, its own merge (greedy non-maximum merging
+at intersection-over-smaller 0.5, masks united), run at the operating point's min confidence
+(SAHI cuts before it merges), images read whole. Not a timed test: the figures go in README with
+the command.
 """
 
 from __future__ import annotations
@@ -105,6 +109,41 @@ def predict_child(args: tuple) -> tuple[list, float, float]:
     return predictions, seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def predict_sahi_child(args: tuple) -> tuple[list, float, float]:
+    """``predict_child`` through SAHI's ``get_sliced_prediction``: the checkpoint's torchvision
+    model, slices of ``tile`` px overlapping by ``overlap`` px, cut at ``point.min_confidence``."""
+    from sahi import AutoDetectionModel
+    from sahi.predict import get_sliced_prediction
+
+    from leukodet.structures import ImagePredictions
+
+    ckpt, files, preprocess, (tile, overlap), point, threads = args
+    torch.set_num_threads(threads)
+    module = load_detector(ckpt)
+    model = module.adapter.model
+    model.roi_heads.nms_thresh, model.roi_heads.detections_per_img = point.nms, point.max_detections
+    names = {str(i + 1): name for i, name in enumerate(module.hparams.class_names)}  # torchvision's 0 is background
+    sliced = AutoDetectionModel.from_pretrained(model_type="torchvision", model=model, device="cpu",
+                                                confidence_threshold=point.min_confidence, category_mapping=names)
+    mapper = DatasetMapper(preprocess)
+    predictions = []
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for path in files:
+            image = mapper.map_image(path)["image"].permute(1, 2, 0).numpy()
+            found = get_sliced_prediction(image, sliced, slice_height=tile, slice_width=tile,
+                                          overlap_height_ratio=overlap / tile, overlap_width_ratio=overlap / tile,
+                                          perform_standard_pred=False, verbose=0).object_prediction_list
+            height, width = image.shape[:2]
+            rles = [mask_utils.merge(mask_utils.frPyObjects(p.mask.segmentation, height, width)) for p in found]
+            predictions.append(ImagePredictions(
+                np.array([p.bbox.to_xyxy() for p in found], np.float32).reshape(-1, 4),
+                np.array([p.score.value for p in found], np.float32),
+                np.array([p.category.id - 1 for p in found], np.int64), rles))
+    seconds = time.perf_counter() - start
+    return predictions, seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def seam_errors(records: list[dict], predictions: list, min_confidence: float) -> tuple[int, int]:
     """(true cells with no prediction at IoU >= 0.5, extra predictions at IoU >= 0.5 on a true
     cell), class-agnostic, at ``min_confidence``."""
@@ -146,6 +185,7 @@ def main() -> None:
     parser.add_argument("--resample", type=float, nargs="+", default=[1.0])
     parser.add_argument("--cell-diameter", type=float, default=None)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sahi", action="store_true", help="add SAHI sliced-prediction rows (pip install sahi)")
     args = parser.parse_args()
 
     cfg = run_config(OmegaConf.create({"ckpt": args.ckpt, "eval": {}, "paths": {},
@@ -170,13 +210,16 @@ def main() -> None:
                 count = max(1, math.ceil(len(records) / fields))  # every field used at least once
                 mosaics = [mosaic(records, fields, i * fields, factor, Path(tmp) / f"m{fields}_{factor}_{i}.tif")
                            for i in range(count)]
-                for mode, used in (("tiled", tiling), ("whole", None)):
+                grid = tiling.for_sample({"scale": (1.0, 1.0)}).grid()
+                modes = [("tiled", predict_child, tiling, point.scored()), ("whole", predict_child, None, point.scored())]
+                if args.sahi:
+                    modes.append(("sahi", predict_sahi_child, (grid.tile, grid.overlap), point))
+                for mode, child, used, cut in modes:
                     if mode == "whole" and fields > args.whole_up_to:
                         continue
                     with context.Pool(1) as pool:
-                        predictions, seconds, peak = pool.apply(predict_child, ((
-                            args.ckpt, [m["file_name"] for m in mosaics], preprocess, used, point.scored(),
-                            args.threads),))
+                        predictions, seconds, peak = pool.apply(child, ((
+                            args.ckpt, [m["file_name"] for m in mosaics], preprocess, used, cut, args.threads),))
                     row = {"resample": factor, "fields": fields, "mode": mode, "images": len(mosaics),
                            "size": f"{mosaics[0]['width']}x{mosaics[0]['height']}",
                            **score(mosaics, predictions, classes, point, cfg.eval.iou_threshold),

@@ -71,6 +71,10 @@ class TrainConfig:
     # after training: choose the operating point on val over the eval.sweep_* grid (thresholds.json,
     # which evaluate/infer then use) and score the test split there; false: at eval's own point
     choose_point: bool = True
+    # cell diameter in network pixels to train at (null: whole images squeezed to model.min_size): each
+    # image is resized so its source's cells are this size and cut to min_size windows, and the model
+    # then predicts (validation, evaluation, inference) in tiles at that scale. See README, Big images
+    cell_px: Optional[float] = None
     resume: bool = True  # continue from run_dir/checkpoints/last.ckpt when it exists
     run_dir: Optional[str] = None  # null = Hydra's run directory
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from leukodet.data.coco import load_dataset_dicts, write_coco
-from leukodet.preprocess.mapper import DatasetMapper, rasterize
+from leukodet.preprocess.mapper import CellScale, DatasetMapper, rasterize
 from leukodet.data.via import LabelPolicy, read_via
 from conftest import compose
 
@@ -121,3 +121,49 @@ def test_box_only_and_polygon_free_records_have_no_masks(sample_dicts):
         mapper(mixed)
     empty = DatasetMapper(None).map_image(sample_dicts[0]["file_name"])["instances"]
     assert empty["masks"].shape == (0, 384, 512) and empty["boxes"].shape == (0, 4)
+
+
+def test_cell_scale_windows_keep_each_cut_cell_on_its_visible_pixels(coloured_shapes):
+    # cells 20 px in their source's files, trained at 20 px: no resize, so the window is checked
+    # pixel for pixel; 40 px windows of a 90x60 image cut most shapes somewhere
+    scale = CellScale(cell_px=20, source_cell_px={"scanner": 20}, default_cell_px=5, side=40)
+    mapper = DatasetMapper({"steps": []}, None, is_train=True, cell_scale=scale)
+    torch.manual_seed(0)
+    seen_cut = 0
+    for _ in range(12):
+        sample = mapper({**coloured_shapes, "source": "scanner"})
+        image, inst = sample["image"].permute(1, 2, 0).numpy(), sample["instances"]
+        assert image.shape == (40, 40, 3) and sample["scale"] == (1.0, 1.0)
+        visible = [c for c in range(4) if (image == COLOURS[c]).all(axis=2).any()]
+        assert sorted(inst["labels"].tolist()) == visible  # every visible cell, no empty one
+        for mask, box, label in zip(inst["masks"], inst["boxes"], inst["labels"]):
+            painted = (image == COLOURS[label]).all(axis=2)
+            assert np.array_equal(mask.numpy() > 0, painted)
+            ys, xs = np.nonzero(painted)
+            assert box.tolist() == pytest.approx([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], abs=1.0)
+            seen_cut += painted.sum() < (rasterize([coloured_shapes["annotations"][label]["segmentation"][0]], 60, 90)
+                                         > 0).sum()
+        assert len(sample["points"]) == int((image == 255).all(axis=2).any())
+    assert seen_cut > 0
+
+
+def test_cell_scale_brings_each_source_to_the_trained_cell_size(coloured_shapes):
+    # validation windows: the whole image, resized to the trained scale, padded to at least a window
+    scale = CellScale(cell_px=10, source_cell_px={"big": 20}, default_cell_px=40, side=64, random_crop=False)
+    mapper = DatasetMapper({"steps": []}, cell_scale=scale)
+    for source, factor in (("big", 0.5), ("unknown scanner", 0.25)):
+        sample = mapper({**coloured_shapes, "source": source})
+        assert sample["image"].shape == (3, 64, 64) and sample["scale"] == pytest.approx((factor, factor), abs=0.01)
+        sx, sy = sample["scale"]  # the exact factor of a whole-pixel size
+        x, y, w, h = coloured_shapes["annotations"][1]["bbox"]
+        assert sample["instances"]["boxes"][1].tolist() == pytest.approx([x * sx, y * sy, (x + w) * sx, (y + h) * sy])
+        background = sample["image"][:, 63, 63]  # the padding: the image's border colour (black here)
+        assert background.tolist() == [0, 0, 0]
+    big = DatasetMapper({"steps": []}, cell_scale=replace_side(scale, 16))({**coloured_shapes, "source": "big"})
+    assert big["image"].shape == (3, 30, 45)  # larger than a window: whole, never cut
+
+
+def replace_side(scale, side):
+    from dataclasses import replace
+
+    return replace(scale, side=side)

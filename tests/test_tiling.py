@@ -16,8 +16,8 @@ import torch
 from pycocotools import mask as mask_utils
 
 from leukodet.engine.predictor import predict_original
-from leukodet.engine.tiling import (TileGrid, TileScale, TrainedScale, Tiling, predict_tiled, seam_survivors,
-                                    scale_warning)
+from leukodet.engine.tiling import (TileGrid, TileScale, TrainedScale, Tiling, measure_trained_scale, predict_tiled,
+                                    run_tiling, seam_survivors, scale_warning)
 from leukodet.data.via_export import mask_polygon
 from leukodet.structures import OperatingPoint, crop_rle, mask_box, region_rle
 
@@ -232,4 +232,40 @@ def test_trained_scale_is_the_cells_median_diameter_as_the_network_saw_it():
     scale = TrainedScale.measure(records, {"steps": [{"name": "scale", "factor": 1.0}]}, min_size=200, max_size=400)
     # the first image is resized by min(200/100, 400/200) = 2 (cell 80 px), the second by 0.5 (20 px)
     assert scale.cell_px == pytest.approx(40) and scale.network_cell_px == pytest.approx(50)
-    assert scale.network_px == 200
+    assert scale.network_px == 200 and not scale.fixed
+
+
+def test_a_model_trained_at_a_fixed_cell_size_tiles_each_source_at_its_own_scale():
+    def cells(diameter, source, n):
+        disc = {"bbox": [0, 0, diameter, diameter], "area": np.pi * (diameter / 2) ** 2, "segmentation": [[0, 0, 1, 1, 2, 0]]}
+        return [{"width": 300, "height": 300, "source": source, "annotations": [disc]} for _ in range(n)]
+
+    records = cells(80, "dataset1.json", 5) + cells(150, "dataset2.json", 2)
+    scale = TrainedScale.measure(records, {"steps": []}, min_size=256, max_size=320, cell_px=48)
+    assert scale.fixed and scale.network_cell_px == 48 and scale.network_px == 256
+    assert scale.source_cell_px == {"dataset1.json": 80, "dataset2.json": 150} and scale.cell_px == 80
+    tiling = Tiling(scale)
+    # each image's tile holds as many of its cells as a 256-px window held at 48 px a cell
+    for source, cell in (("dataset1.json", 80), ("dataset2.json", 150), ("a new scanner", 80)):
+        sample = {"scale": (1.0, 1.0), "record": {"source": source}}
+        assert tiling.for_sample(sample).grid().tile == round(256 * cell / 48)
+    assert Tiling(scale, input_cell_px=100).for_sample(sample).grid().tile == round(256 * 100 / 48)  # given wins
+    saved = scale.as_dict()  # a checkpoint's record of it
+    assert TrainedScale(**saved) == scale
+    # a model trained on windows predicts in tiles even where whole images are asked for
+    assert run_tiling({"infer": {"tiling": False}}, saved) is not None
+    assert run_tiling({"infer": {"tiling": False}}, {**saved, "fixed": False}) is None
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.cell_px=300"], "between 0 and model.min_size"),
+    (["train.cell_px=40", "model.max_size=200"], "max_size >= model.min_size"),
+    (["train.cell_px=40", "model=d2_mask_rcnn_R_50_FPN_3x"], "detectron2 models"),
+])
+def test_training_at_a_cell_size_the_model_cannot_take_is_refused(overrides, message):
+    from conftest import compose
+
+    cfg = compose(*overrides) if "model=" in overrides[-1] else compose("model.min_size=256", *overrides)
+    records = [{"width": 100, "height": 100, "annotations": [{"bbox": [0, 0, 30, 30]}]}]
+    with pytest.raises(ValueError, match=message):
+        measure_trained_scale(cfg, records)

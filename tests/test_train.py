@@ -113,6 +113,28 @@ def test_hard_kill_then_resume_finishes_the_same_schedule(tmp_path):
     assert len(list((last.parent / "cache").glob("raw_val_*.npz"))) == 3
 
 
+@pytest.mark.long
+def test_training_at_a_fixed_cell_size_validates_and_predicts_in_tiles(tmp_path):
+    # issue 26, item 1: windows at one cell size; the run's generated smears hold ~27 px cells
+    done = subprocess.run(tiny_run_args(tmp_path, 4) + ["train.cell_px=48", "train.choose_point=false"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"training at 48 px a cell in 192 px windows \(cells in the files: \S+ 2\d px\)", done.stdout)
+    best = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    scale = torch.load(best, map_location="cpu", weights_only=True)["hyper_parameters"]["trained_scale"]
+    assert scale["fixed"] and scale["network_cell_px"] == 48 and scale["network_px"] == 192
+    assert list(scale["source_cell_px"].values()) == [pytest.approx(scale["cell_px"])]  # one source
+    assert "val/ap50_segm" in pd.read_csv(tmp_path / "run" / "logs" / "metrics.csv").columns  # validated in tiles
+    infer = subprocess.run([sys.executable, str(REPO / "tools" / "infer.py"), f"ckpt={best}",
+                            f"input={tmp_path / 'data' / 'images'}", f"infer.out_dir={tmp_path / 'infer'}",
+                            "infer.tiling=false", "infer.overlays=false"], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+    assert infer.returncode == 0, infer.stderr[-3000:]
+    assert "predicts in tiles at that scale whatever infer.tiling says" in infer.stdout + infer.stderr
+    tiling = json.loads((tmp_path / "infer" / "run.json").read_text())["tiling"]
+    assert tiling["fixed"] and tiling["input_cell_px"] == scale["cell_px"]
+
+
 @pytest.mark.slow
 def test_default_short_schedule_reaches_ap50(tmp_path):
     """The README main job's schedule on the generated sample: validation segm AP50 >= 0.8."""

@@ -41,7 +41,7 @@ class DetectionModule(L.LightningModule):
 
     def __init__(self, model_cfg: Mapping[str, Any], optim_cfg: Mapping[str, Any], class_names: Sequence[str],
                  box_only: bool, evaluate_fn=None, validation_point: OperatingPoint = OperatingPoint(),
-                 trained_scale: Mapping[str, Any] | None = None):
+                 trained_scale: Mapping[str, Any] | None = None, validation_tiling=None):
         super().__init__()
         # Saved in every checkpoint: enough to rebuild the model for evaluation and inference, and
         # the cell scale it was trained at (leukodet.engine.tiling.TrainedScale; None before it existed).
@@ -53,6 +53,7 @@ class DetectionModule(L.LightningModule):
         self.class_names = list(class_names)
         self.evaluate_fn = evaluate_fn  # (dataset_dicts, predictions) -> {metric: value}
         self.validation_point = validation_point
+        self.validation_tiling = validation_tiling  # a model trained on windows is validated in tiles (Tiling)
         self._val_records: list[dict] = []
         self._val_predictions: list = []
 
@@ -69,7 +70,8 @@ class DetectionModule(L.LightningModule):
         self.log("val/loss", sum(losses.values()), prog_bar=True, batch_size=len(batch), sync_dist=True)
         if self.evaluate_fn is not None:
             # down to the scoring floor: AP over all scores; the evaluator applies min confidence
-            self._val_predictions.extend(predict_original(self.adapter, batch, self.validation_point.scored()))
+            self._val_predictions.extend(predict_original(self.adapter, batch, self.validation_point.scored(),
+                                                          self.validation_tiling))
             self._val_records.extend(sample["record"] for sample in batch)
 
     def on_validation_epoch_end(self) -> None:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
+from leukodet.preprocess.mapper import CellScale
 from leukodet.structures import (Detections, ImagePredictions, OperatingPoint, describe_tiling, refilter,
                                  region_rle, rle_areas)
 
@@ -248,16 +249,23 @@ def network_factor(width: float, height: float, min_size: int, max_size: int) ->
 @dataclass(frozen=True)
 class TrainedScale:
     """The scale a detector was trained at: the training cells' median diameter in file pixels
-    (``cell_px``, what an input from the same microscope has), the median diameter the network saw
-    them at (``network_cell_px``) and its square input side (``network_px``, its ``min_size``)."""
+    (``cell_px``, what an input from the same microscope has; ``source_cell_px`` per source), the
+    median diameter the network saw them at (``network_cell_px``) and its square input side
+    (``network_px``, its ``min_size``). ``fixed``: trained on windows at one cell size
+    (``train.cell_px``, ``leukodet.preprocess.mapper.CellScale``), so it must be shown its
+    inputs at that scale, in tiles; else whole images were squeezed to ``min_size`` and the
+    network cell size is the median of what that made of them."""
 
     cell_px: float
     network_cell_px: float
     network_px: int
+    source_cell_px: dict[str, float] | None = None
+    fixed: bool = False
 
     @classmethod
-    def measure(cls, records: Sequence[dict], preprocess_cfg, min_size: int, max_size: int) -> "TrainedScale | None":
-        file_px, network_px = [], []
+    def measure(cls, records: Sequence[dict], preprocess_cfg, min_size: int, max_size: int,
+                cell_px: float | None = None) -> "TrainedScale | None":
+        file_px, network_px, by_source = [], [], {}
         for record in records:
             sx, _ = chain_factor(preprocess_cfg, record["width"], record["height"])
             factor = sx * network_factor(record["width"] * sx, record["height"] * sx, min_size, max_size)
@@ -266,30 +274,47 @@ class TrainedScale:
                 if diameter > 0:
                     file_px.append(diameter)
                     network_px.append(diameter * factor)
+                    by_source.setdefault(record.get("source", ""), []).append(diameter)
         if not file_px:
             return None
-        return cls(float(np.median(file_px)), float(np.median(network_px)), int(min_size))
+        sources = {source: round(float(np.median(d)), 2) for source, d in sorted(by_source.items())}
+        if cell_px is not None:
+            return cls(float(np.median(file_px)), float(cell_px), int(min_size), sources, fixed=True)
+        return cls(float(np.median(file_px)), float(np.median(network_px)), int(min_size), sources)
 
     def as_dict(self) -> dict:
         return {"cell_px": round(self.cell_px, 2), "network_cell_px": round(self.network_cell_px, 2),
-                "network_px": self.network_px}
+                "network_px": self.network_px, "source_cell_px": self.source_cell_px, "fixed": self.fixed}
+
+    def cell_scale(self, random_crop: bool):
+        """The mapper's ``CellScale`` that shows images to the network as it was trained (``fixed``)."""
+        return CellScale(self.network_cell_px, dict(self.source_cell_px or {}), self.cell_px, self.network_px,
+                         random_crop)
 
 
 @dataclass(frozen=True)
 class Tiling:
     """Tiled prediction settings for one run: the trained scale, the input's cell diameter in file
-    pixels (``infer.cell_diameter_px``, else the training cells'), the overlap in cell diameters."""
+    pixels (``infer.cell_diameter_px``; None: the diameter of the image's source's training cells
+    where the checkpoint knows its source, else of all training cells), the overlap in cell
+    diameters."""
 
     trained: TrainedScale
-    input_cell_px: float
+    input_cell_px: float | None = None
     overlap_cells: float = 1.25
 
+    def cell_px_for(self, record: dict) -> float:
+        """The input cell diameter (file pixels) of an image from this record."""
+        if self.input_cell_px is not None:
+            return self.input_cell_px
+        return (self.trained.source_cell_px or {}).get(record.get("source", ""), self.trained.cell_px)
+
     def for_sample(self, sample: dict) -> TileScale:
-        return TileScale(self.input_cell_px * sample["scale"][0], self.trained.network_cell_px,
-                         self.trained.network_px, self.overlap_cells)
+        return TileScale(self.cell_px_for(sample.get("record") or {}) * sample["scale"][0],
+                         self.trained.network_cell_px, self.trained.network_px, self.overlap_cells)
 
     def as_dict(self) -> dict:
-        return {**self.trained.as_dict(), "input_cell_px": self.input_cell_px, "overlap_cells": self.overlap_cells}
+        return {**self.trained.as_dict(), "input_cell_px": self.cell_px_for({}), "overlap_cells": self.overlap_cells}
 
     def describe(self) -> str:
         return describe_tiling(self.as_dict())
@@ -319,10 +344,33 @@ def scale_warning(prediction: ImagePredictions, expected_px: float, tolerance: f
 
 def measure_trained_scale(cfg, records: Sequence[dict]) -> TrainedScale | None:
     """The cell scale a run's model trains at, from its training split (None for a model without
-    the min_size / max_size resize rule, which then predicts whole images)."""
-    if cfg.model.get("min_size") is None or cfg.model.get("max_size") is None:
+    the min_size / max_size resize rule, which then predicts whole images). With ``train.cell_px``
+    it trains on ``min_size`` windows at that cell size: refused for a model without the rule,
+    or whose ``max_size`` would shrink such a window, or without a cell to measure."""
+    cell_px = cfg.train.get("cell_px")
+    min_size, max_size = cfg.model.get("min_size"), cfg.model.get("max_size")
+    if min_size is None or max_size is None:
+        if cell_px is not None:
+            raise ValueError(f"train.cell_px={cell_px}: model {cfg.model.name} has no min_size / max_size input size "
+                             "rule to train windows at; drop train.cell_px")
         return None
-    return TrainedScale.measure(records, cfg.preprocess, int(cfg.model.min_size), int(cfg.model.max_size))
+    if cell_px is not None and str(cfg.model.name).startswith("d2_"):
+        # leukodet's detectron2 adapter feeds images at their preprocessed size (detectron2 resizes in
+        # its own mapper, which the one loop does not use), so min_size is not what its network sees
+        raise ValueError(f"train.cell_px={cell_px}: detectron2 models ({cfg.model.name}) see images unresized, so "
+                         "they cannot be trained on windows at a cell size yet; use a torchvision model")
+    if cell_px is not None and not 0 < float(cell_px) < int(min_size):
+        raise ValueError(f"train.cell_px={cell_px}: give a cell diameter in network pixels between 0 and "
+                         f"model.min_size ({min_size})")
+    if cell_px is not None and int(max_size) < int(min_size):
+        raise ValueError(f"train.cell_px needs model.max_size >= model.min_size (got {max_size} < {min_size}), "
+                         "so the detector keeps its square windows as they are")
+    scale = TrainedScale.measure(records, cfg.preprocess, int(min_size), int(max_size),
+                                 None if cell_px is None else float(cell_px))
+    if scale is None and cell_px is not None:
+        raise ValueError(f"train.cell_px={cell_px}: the training split of {cfg.data.name} has no annotated cell to "
+                         "measure its scale from")
+    return scale
 
 
 def run_tiling(run_cfg, saved_scale: dict | None, training_records=None, enabled: bool | None = None) -> Tiling | None:
@@ -331,9 +379,13 @@ def run_tiling(run_cfg, saved_scale: dict | None, training_records=None, enabled
     before it was recorded) one measured from ``training_records`` (a callable giving the run's
     training split, or None); None means whole images, as before."""
     infer_cfg = run_cfg.get("infer") or {}
-    if not (infer_cfg.get("tiling", True) if enabled is None else enabled):
-        return None
     trained = TrainedScale(**saved_scale) if saved_scale else None
+    if not (infer_cfg.get("tiling", True) if enabled is None else enabled):
+        if trained is None or not trained.fixed:
+            return None
+        if enabled is None:  # infer.tiling=false asked for whole images; evaluation's default is no request
+            logger.warning("this model was trained on windows at %.0f px a cell (train.cell_px): it predicts in "
+                           "tiles at that scale whatever infer.tiling says", trained.network_cell_px)
     if trained is None and training_records is not None:
         try:
             trained = measure_trained_scale(run_cfg, training_records())
@@ -344,4 +396,4 @@ def run_tiling(run_cfg, saved_scale: dict | None, training_records=None, enabled
                        "input size (retrain to record it, or infer.tiling=false to silence this)")
         return None
     given = infer_cfg.get("cell_diameter_px")
-    return Tiling(trained, float(given) if given else trained.cell_px, float(infer_cfg.get("tile_overlap", 1.25)))
+    return Tiling(trained, float(given) if given else None, float(infer_cfg.get("tile_overlap", 1.25)))

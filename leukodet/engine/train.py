@@ -25,7 +25,7 @@ from leukodet.engine.curves import plot_loss_curves
 from leukodet.engine.data import make_loader
 from leukodet.engine.evaluate import CheckpointError, choose_on_val, load_detector, score_split
 from leukodet.engine.module import DetectionModule
-from leukodet.engine.tiling import measure_trained_scale
+from leukodet.engine.tiling import Tiling, measure_trained_scale
 from leukodet.evaluation.metrics import evaluate
 from leukodet.io import UnreadableFileError, UnsafeFileError, atomic_open, atomic_write_text, load_tensor_file
 from leukodet.preprocess.mapper import DatasetMapper
@@ -75,7 +75,7 @@ RESUME_MAY_CHANGE = ("train.max_steps", "train.run_dir", "train.resume", "train.
 
 # Keys added to the config after runs were saved, with the value that reproduces what those runs
 # did: a saved config.yaml without one reads as having it, so older runs still resume.
-ADDED_KEYS = {"eval.class_bias": None, "eval.sweep_class_bias": [0.0], "eval.tiling": False}
+ADDED_KEYS = {"eval.class_bias": None, "eval.sweep_class_bias": [0.0], "eval.tiling": False, "train.cell_px": None}
 
 
 class RunConfigError(ValueError):
@@ -208,10 +208,18 @@ def fit(cfg: DictConfig, run_dir: str | Path, extra_train: Sequence[dict] = (),
     name = cfg.data.name
     meta = get_metadata(split_name(name, "train"))
     classes, box_only = meta["thing_classes"], meta["box_only"]
-    train_mapper = DatasetMapper(cfg.preprocess, cfg.augment, is_train=True)
-    eval_mapper = DatasetMapper(cfg.preprocess, None, is_train=False)
+    train_records = get_dataset_dicts(split_name(name, "train"))
+    scale = measure_trained_scale(cfg, train_records)
+    fixed = scale is not None and scale.fixed  # windows at one cell size (train.cell_px), validated in tiles
+    train_mapper = DatasetMapper(cfg.preprocess, cfg.augment, is_train=True,
+                                 cell_scale=scale.cell_scale(random_crop=True) if fixed else None)
+    eval_mapper = DatasetMapper(cfg.preprocess, None, is_train=False,
+                                cell_scale=scale.cell_scale(random_crop=False) if fixed else None)
+    if fixed:
+        logger.info("training at %.0f px a cell in %d px windows (cells in the files: %s)", scale.network_cell_px,
+                    scale.network_px, ", ".join(f"{s or 'all'} {d:.0f} px" for s, d in scale.source_cell_px.items()))
     tcfg = cfg.train
-    train_loader = make_loader([*get_dataset_dicts(split_name(name, "train")), *extra_train], train_mapper,
+    train_loader = make_loader([*train_records, *extra_train], train_mapper,
                                tcfg.batch_size, True, tcfg.num_workers, cfg.seed,
                                class_balanced=tcfg.sampler == "class_balanced")
     val_loader = make_loader(get_dataset_dicts(split_name(name, "val")), eval_mapper, tcfg.batch_size, False,
@@ -224,9 +232,9 @@ def fit(cfg: DictConfig, run_dir: str | Path, extra_train: Sequence[dict] = (),
                         iou_threshold=cfg.eval.iou_threshold, share_class=cfg.eval.share_class).summary()
 
     optim_cfg = OmegaConf.to_container(tcfg, resolve=True, enum_to_str=True)  # plain data in the checkpoint
-    scale = measure_trained_scale(cfg, get_dataset_dicts(split_name(name, "train")))
     module = DetectionModule(OmegaConf.to_container(cfg.model, resolve=True), optim_cfg, classes, box_only,
-                             evaluate_fn, point, None if scale is None else scale.as_dict())
+                             evaluate_fn, point, None if scale is None else scale.as_dict(),
+                             validation_tiling=Tiling(scale) if fixed else None)
     metric = best_metric_name(tcfg, box_only)
     checkpoints = run_dir / "checkpoints"
     best = ModelCheckpoint(checkpoints, filename="best", monitor=metric, mode=best_metric_mode(metric), save_top_k=1,

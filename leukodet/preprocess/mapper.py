@@ -12,8 +12,10 @@ import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
@@ -41,15 +43,95 @@ def rasterize(polygons: Sequence[np.ndarray], height: int, width: int, out: np.n
     if not polygons:
         return out
     points = np.concatenate(polygons)
-    x0, y0 = (max(math.floor(v) - 1, 0) for v in points.min(axis=0))
-    x1, y1 = (min(math.ceil(v) + 1, limit) for v, limit in zip(points.max(axis=0), (width, height)))
-    if x1 <= x0 or y1 <= y0:
+    # the polygons' whole bounding crop, even where it leaves the canvas (a cell cut by a training
+    # window): pycocotools drops vertices outside its canvas, which shifts the cut edge by a pixel
+    x0, y0 = (math.floor(v) - 1 for v in points.min(axis=0))
+    x1, y1 = (math.ceil(v) + 1 for v in points.max(axis=0))
+    cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
+    if cx1 <= cx0 or cy1 <= cy0:
         return out
     rles = mask_utils.frPyObjects([(p - (x0, y0)).ravel().tolist() for p in polygons], y1 - y0, x1 - x0)
     with warnings.catch_warnings():  # pycocotools' decode trips numpy 2's copy-keyword deprecation
         warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
-        out[y0:y1, x0:x1] = mask_utils.decode(rles).max(axis=2)
+        out[cy0:cy1, cx0:cx1] = mask_utils.decode(rles).max(axis=2)[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
     return out
+
+
+def border_median(image: np.ndarray) -> np.ndarray:
+    """The median colour of an HxWx3 image's one-pixel border: the smear's background, the fill
+    of padding that should look like more of the same slide."""
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    return np.median(border, axis=0).astype(image.dtype)
+
+
+@dataclass(frozen=True)
+class CellScale:
+    """Training at a fixed cell size (the Cellpose ``diameter`` idea): each preprocessed image is
+    resized so that its source's cells are ``cell_px`` pixels across, then cut to a ``side`` x
+    ``side`` window (the detector's ``min_size``, which its own resize then leaves alone). Single-
+    cell crops, fields and camera frames all reach the network with cells at the same size, as
+    tiled prediction (``leukodet.engine.tiling``) later shows them.
+
+    ``source_cell_px``: the median cell diameter of each source (annotation file) in file pixels,
+    measured on the training split; ``default_cell_px`` for a record of another source.
+    ``random_crop``: a random window of the resized image (smaller images padded with their
+    background at a random place); else the image whole at the top left, padded to at least
+    ``side`` (validation: its loss at the trained scale, its tiles as inference cuts them)."""
+
+    cell_px: float
+    source_cell_px: Mapping[str, float]
+    default_cell_px: float
+    side: int
+    random_crop: bool = True
+
+    def factor(self, record: Mapping, state: PreprocessState) -> float:
+        """Resize factor from the preprocessed image to the trained cell scale."""
+        file_cell_px = self.source_cell_px.get(record.get("source", ""), self.default_cell_px)
+        return self.cell_px / (file_cell_px * state.scale[0])
+
+    def apply(self, record: Mapping, state: PreprocessState) -> PreprocessState:
+        """The state resized and windowed; its matrix carries both, so annotations follow."""
+        f = self.factor(record, state)
+        height, width = state.image.shape[:2]
+        new_w, new_h = max(1, round(width * f)), max(1, round(height * f))
+        image = state.image
+        if (new_w, new_h) != (width, height):
+            image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR)
+        matrix = np.diag([new_w / width, new_h / height, 1.0]) @ state.matrix
+        if self.random_crop:
+            (x0, out_w), (y0, out_h) = self._window(new_w), self._window(new_h)
+        else:
+            (x0, out_w), (y0, out_h) = (0, max(new_w, self.side)), (0, max(new_h, self.side))
+        canvas = np.empty((out_h, out_w, 3), np.uint8)
+        canvas[:] = border_median(image)
+        # source and destination of the copy: a positive x0 crops, a negative one pads on the left
+        sx0, sy0, dx0, dy0 = max(x0, 0), max(y0, 0), max(-x0, 0), max(-y0, 0)
+        copy_w, copy_h = min(new_w - sx0, out_w - dx0), min(new_h - sy0, out_h - dy0)
+        canvas[dy0:dy0 + copy_h, dx0:dx0 + copy_w] = image[sy0:sy0 + copy_h, sx0:sx0 + copy_w]
+        matrix = np.array([[1.0, 0, -x0], [0, 1.0, -y0], [0, 0, 1.0]]) @ matrix
+        return replace(state, image=canvas, raw=canvas, matrix=matrix, foreground=None)
+
+    def _window(self, length: int) -> tuple[int, int]:
+        """(start, side) of a random window along one axis; a negative start pads."""
+        if length >= self.side:
+            return int(torch.randint(0, length - self.side + 1, ()).item()), self.side
+        return -int(torch.randint(0, self.side - length + 1, ()).item()), self.side
+
+
+def visible(boxes: np.ndarray, masks: np.ndarray | None, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices of the instances seen in a ``width`` x ``height`` window, their boxes): boxes
+    clipped to it, a cell cut by the window boxed by its visible mask, empty ones dropped."""
+    clipped = boxes.copy()
+    clipped[:, [0, 2]] = clipped[:, [0, 2]].clip(0, width)
+    clipped[:, [1, 3]] = clipped[:, [1, 3]].clip(0, height)
+    if masks is not None:
+        for i in np.nonzero((clipped != boxes).any(axis=1))[0]:
+            rows, cols = np.nonzero(masks[i].any(axis=1))[0], np.nonzero(masks[i].any(axis=0))[0]
+            clipped[i] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1) if len(rows) else 0
+    keep = ((clipped[:, 2] - clipped[:, 0]) >= 1) & ((clipped[:, 3] - clipped[:, 1]) >= 1)
+    if masks is not None:
+        keep &= masks.reshape(len(masks), -1).any(axis=1)
+    return np.nonzero(keep)[0], clipped[keep]
 
 
 class ChainedRegions:
@@ -76,7 +158,9 @@ class DatasetMapper:
     """``mapper(dataset_dict) -> sample``; ``mapper.map_image(path)`` for a bare image (inference).
 
     ``preprocess_cfg`` / ``augment_cfg``: ``conf/preprocess`` and ``conf/augment`` nodes (or their
-    step / transform lists). Augmentation runs only when ``is_train``.
+    step / transform lists). Augmentation runs only when ``is_train``. ``cell_scale``
+    (:class:`CellScale`) brings the cells to a fixed size after the chain, before the annotations
+    are moved; cells cut by its window keep their visible part.
 
     Sample: ``image`` uint8 CHW RGB tensor; ``instances`` with ``boxes`` float32 (N, 4) XYXY,
     ``labels`` int64 (N,) 0-based, ``masks`` uint8 (N, H, W), or None when the record is
@@ -92,10 +176,12 @@ class DatasetMapper:
     its mask (if any) is not empty; boxes, labels and masks are filtered together.
     """
 
-    def __init__(self, preprocess_cfg: Any = None, augment_cfg: Any = None, is_train: bool = False):
+    def __init__(self, preprocess_cfg: Any = None, augment_cfg: Any = None, is_train: bool = False,
+                 cell_scale: CellScale | None = None):
         self.chain = PreprocessChain(preprocess_cfg)
         self.augment = build_augmentation(augment_cfg) if is_train else None
         self.is_train = is_train
+        self.cell_scale = cell_scale
 
     def map_image(self, path: str | os.PathLike) -> dict:
         """Inference entry: the same reading and chain as training, no annotations."""
@@ -122,6 +208,8 @@ class DatasetMapper:
 
     def __call__(self, record: Mapping) -> dict:
         state, _ = self.chain.run_on_file(record["file_name"])
+        if self.cell_scale is not None:
+            state = self.cell_scale.apply(record, state)
         annotations = record.get("annotations", [])
         boxes = np.zeros((len(annotations), 4), np.float32)
         for i, ann in enumerate(annotations):
@@ -132,6 +220,12 @@ class DatasetMapper:
         labels = np.array([a["category_id"] for a in annotations], np.int64)
         points = state.transform_points([p["xy"] for p in record.get("points", [])]).astype(np.float32)
         point_labels = np.array([p["category_id"] for p in record.get("points", [])], np.int64)
+        if self.cell_scale is not None:
+            height, width = state.image.shape[:2]
+            keep, boxes = visible(boxes, masks, width, height)
+            masks, labels = (None if masks is None else masks[keep]), labels[keep]
+            inside = (points[:, 0] >= 0) & (points[:, 0] < width) & (points[:, 1] >= 0) & (points[:, 1] < height)
+            points, point_labels = points[inside], point_labels[inside]
         image = torch.from_numpy(np.ascontiguousarray(state.image.transpose(2, 0, 1)))
         instances = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels),
                      "masks": None if masks is None else torch.from_numpy(masks)}

@@ -283,7 +283,7 @@ def run_inference(cfg: DictConfig, out_dir: str | os.PathLike) -> InferenceSumma
                     summary.processed += 1
                     tqdm.write(f"{rel}: " + ", ".join(f"{c} {n}" for c, n in record["counts"].items())
                                + f" ({per_image:.2f} s)")
-                    warning = None if tiling is None else scale_warning(outcome, tiling.input_cell_px)
+                    warning = None if tiling is None else scale_warning(outcome, tiling.cell_px_for({}))
                     if warning:
                         tqdm.write(f"{rel}: warning: {warning}")
                 bar.update(1)
