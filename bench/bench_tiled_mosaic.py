@@ -29,6 +29,7 @@ import resource
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -186,6 +187,7 @@ def main() -> None:
     parser.add_argument("--cell-diameter", type=float, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sahi", action="store_true", help="add SAHI sliced-prediction rows (pip install sahi)")
+    parser.add_argument("--cross-class-nms", type=float, default=None, help="the point's NMS across classes")
     args = parser.parse_args()
 
     cfg = run_config(OmegaConf.create({"ckpt": args.ckpt, "eval": {}, "paths": {},
@@ -196,6 +198,8 @@ def main() -> None:
     module = load_detector(args.ckpt)
     classes = list(module.hparams.class_names)
     point = operating_point(cfg)
+    if args.cross_class_nms is not None:
+        point = replace(point, cross_class_nms=args.cross_class_nms)
     trained = TrainedScale(**module.hparams["trained_scale"])
     field_cell_px = args.cell_diameter or float(np.median([cell_diameter(a) for r in records for a in r["annotations"]]))
     print(f"{args.ckpt}: {len(records)} fields ({' + '.join(args.split)}, {args.source or 'all sources'}) of "

@@ -89,6 +89,9 @@ class EvalConfig:
     # per-class logit bias added to the scores before the cut, in class order (null: none); a sweep
     # over eval.sweep_class_bias chooses it, e.g. on a few labelled images of a new scanner
     class_bias: Optional[list[float]] = None
+    # IoU above which detections of different classes are one cell (the lower score goes); null: off,
+    # per-class NMS only (a cell the model hesitates on is then counted once per class)
+    cross_class_nms: Optional[float] = None
     iou_threshold: float = 0.5  # matching IoU for P/R/F1/counts
     # true: predict each image and its horizontal mirror and pool the detections (evaluation, sweeps
     # and inference; leukodet.models.tta). The checkpoint tools compose it as null: the run's value

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, nms
 
 # Raw detections keep every candidate scored above this, with no final NMS, up to this many per
 # image: a threshold sweep re-filters them instead of re-running the model.
@@ -32,8 +32,13 @@ def scoring_floor(min_confidence: float, floor: float = RAW_SCORE_FLOOR) -> floa
 @dataclass(frozen=True)
 class OperatingPoint:
     """Where a detector's output is cut: each class's scores shifted by its ``class_bias`` (logits;
-    empty: none), then score > ``min_confidence``, per-class NMS at IoU ``nms``, then the
-    ``max_detections`` highest scores; ``source`` says where the values came from.
+    empty: none), then score > ``min_confidence``, per-class NMS at IoU ``nms``, then (with
+    ``cross_class_nms``) NMS across classes at that IoU, then the ``max_detections`` highest scores;
+    ``source`` says where the values came from.
+
+    ``cross_class_nms``: a cell has one class, but per-class NMS keeps a lymphocyte and an "other"
+    box on the same cell when the model hesitates between them, and counts it twice; across
+    classes the lower score goes. None: off (the detectors' own behaviour).
 
     The bias moves the boundary between classes without retraining: on another scanner the
     within-class ranking of a model's scores often survives while the lymphocyte/other boundary
@@ -45,6 +50,7 @@ class OperatingPoint:
     max_detections: int = 300
     source: str = "default"
     class_bias: tuple[float, ...] = ()
+    cross_class_nms: float | None = None
 
     def scored(self) -> "OperatingPoint":
         """The same bias, NMS and cap down to the scoring floor: what an evaluation needs (AP over
@@ -58,14 +64,16 @@ class OperatingPoint:
         any class could pass with and the raw cap (a per-class bias keeps the order within each
         class, so per-class NMS keeps the same boxes; only the cap's order across classes moves)."""
         if not any(self.class_bias):
-            return self
+            # the detector suppresses within classes only; refilter then suppresses across them
+            return self if self.cross_class_nms is None else replace(self, cross_class_nms=None)
         floor = min(unbias(self.min_confidence, bias) for bias in self.class_bias)
         return OperatingPoint(max(floor, 0.0), self.nms, RAW_MAX_DETECTIONS, self.source)
 
     def describe(self) -> str:
         bias = f", class bias {list(self.class_bias)}" if any(self.class_bias) else ""
-        return (f"min confidence {self.min_confidence:g}, NMS {self.nms:g}, at most {self.max_detections}{bias} "
-                f"({self.source})")
+        across = "" if self.cross_class_nms is None else f", across classes {self.cross_class_nms:g}"
+        return (f"min confidence {self.min_confidence:g}, NMS {self.nms:g}{across}, at most {self.max_detections}"
+                f"{bias} ({self.source})")
 
 
 def logit(p: np.ndarray | float) -> np.ndarray:
@@ -131,15 +139,18 @@ def biased(predictions: ImagePredictions, class_bias: tuple[float, ...]) -> Imag
 
 def refilter(predictions: ImagePredictions, point: OperatingPoint) -> ImagePredictions:
     """Raw ``predictions`` cut at ``point``: class bias, score > min confidence, per-class NMS, the
-    cap, in torchvision RoIHeads' (and detectron2's) own order. On raw detections this gives exactly
-    what the detector gives at that point, since each Mask R-CNN mask depends on its box alone (tested
-    for every registered torchvision model). Apply it once: a second call would add the bias again."""
+    cap, in torchvision RoIHeads' (and detectron2's) own order, with the point's NMS across classes
+    before the cap. On raw detections this gives exactly what the detector gives at that point, since
+    each Mask R-CNN mask depends on its box alone (tested for every registered torchvision model).
+    Apply it once: a second call would add the bias again."""
     kept = biased(predictions, point.class_bias).above(point.min_confidence)
     if len(kept) == 0:
         return kept
-    order = batched_nms(torch.from_numpy(kept.boxes).float(), torch.from_numpy(kept.scores).float(),
-                        torch.from_numpy(kept.labels), point.nms)[:point.max_detections]
-    return kept.select(order.numpy())
+    boxes, scores = torch.from_numpy(kept.boxes).float(), torch.from_numpy(kept.scores).float()
+    order = batched_nms(boxes, scores, torch.from_numpy(kept.labels), point.nms)  # by descending score
+    if point.cross_class_nms is not None:
+        order = order[nms(boxes[order], scores[order], point.cross_class_nms)]
+    return kept.select(order[:point.max_detections].numpy())
 
 
 def encode_masks(masks: np.ndarray) -> list[dict]:

@@ -66,6 +66,7 @@ def test_imagenet_weights_from_the_wheel_load_strictly_into_timm(variant):
     smear = render_smear(np.random.default_rng(0), 224, 224, "wbc")[0]
     image = torch.from_numpy(smear).permute(2, 0, 1)[None].float() / 127.5 - 1
     assert entropy(model, image) < 5.0
+    torch.manual_seed(0)  # the random network's entropy varies with its draw (5.48 seen); seeded: 5.9
     assert entropy(timm.create_model(f"tf_efficientnet_{variant}", pretrained=False).eval(), image) > 5.5
 
 

@@ -144,7 +144,8 @@ def test_class_bias_moves_the_class_boundary_and_the_sweep_finds_it():
     table, best = sweep(records, raw, CLASSES, [0.5, 0.6], [0.5], class_biases=[0.0, 1.0], iou_type="bbox")
     assert table.class_bias.tolist() == [0.0, 0.0, 1.0, 1.0]
     assert table.f1[table.class_bias == 0].max() < 0.7  # without the bias every lymphoblast is missed or called wrong
-    assert best == {"min_confidence": 0.6, "nms": 0.5, "class_bias": [1.0, 0.0], "metric": "f1", "value": 1.0}
+    assert best == {"min_confidence": 0.6, "nms": 0.5, "class_bias": [1.0, 0.0], "cross_class_nms": None,
+                    "metric": "f1", "value": 1.0}
     kept = refilter(raw[0], OperatingPoint(0.6, 0.5, class_bias=(1.0, 0.0)))
     assert sorted(kept.labels.tolist()) == [0, 0, 1, 1]
     assert kept.scores[kept.labels == 0] == pytest.approx([1 / (1 + np.exp(-(np.log(0.45 / 0.55) + 1)))] * 2)
@@ -177,3 +178,20 @@ def test_biased_scores_keep_each_class_ranking_and_the_detector_cut_loses_nothin
             assert np.allclose(got.scores, want.scores) and np.allclose(got.boxes, want.boxes, atol=1e-4)
     unbiased = OperatingPoint(0.5, 0.3)
     assert unbiased.detector_cut() is unbiased
+
+
+def test_nms_across_classes_keeps_one_class_per_cell():
+    # every cell boxed twice, once per class (per-class NMS keeps both: the cell would count twice)
+    boxes = np.array([[10 + 30 * k, 10, 30 + 30 * k, 30] for k in range(3) for _ in range(2)], np.float32)
+    boxes[1] += 2  # the second box of the first cell a little off (IoU 0.67 with the first)
+    raw = ImagePredictions(boxes, np.array([0.6, 0.7, 0.9, 0.8, 0.55, 0.95], np.float32), np.array([0, 1] * 3), None)
+    assert len(refilter(raw, OperatingPoint(0.5, 0.5))) == 6
+    kept = refilter(raw, OperatingPoint(0.5, 0.5, cross_class_nms=0.5))
+    assert kept.labels.tolist() == [1, 0, 1] and kept.scores.tolist() == pytest.approx([0.95, 0.9, 0.7])
+    assert len(refilter(raw, OperatingPoint(0.5, 0.5, cross_class_nms=0.7))) == 4  # the shifted pair (IoU 0.67) stays apart
+    # the bias moves which class wins a cell; the detector itself suppresses within classes only
+    biased_point = OperatingPoint(0.5, 0.5, class_bias=(3.0, 0.0), cross_class_nms=0.5)
+    assert refilter(raw, biased_point).labels.tolist() == [0, 0, 0]
+    point = OperatingPoint(0.5, 0.5, cross_class_nms=0.5)
+    assert point.detector_cut().cross_class_nms is None and biased_point.detector_cut().cross_class_nms is None
+    assert "across classes 0.5" in point.describe()

@@ -109,6 +109,32 @@ def test_a_cell_on_a_seam_is_kept_once_and_whole():
     assert sum(len(d) for d in detector.predict([{**sample, "image": sample["image"][:, :, :128]}], POINT)) == 1
 
 
+class BlindInFirstTile(DiscDetector):
+    """Finds nothing in the first tile it is shown: the cell it owns must come from a neighbour."""
+
+    def predict(self, batch, prefilter):
+        out = super().predict(batch, prefilter)
+        if len(self.tile_shapes) == len(batch):  # the first batch holds the first tile
+            from leukodet.structures import Detections
+
+            out[0] = Detections(torch.zeros((0, 4)), torch.zeros(0), torch.zeros(0, dtype=torch.int64),
+                                torch.zeros((0, *batch[0]["image"].shape[-2:]), dtype=torch.bool))
+        return out
+
+
+def test_a_cell_its_own_tile_misses_is_kept_whole_from_a_neighbour_and_pieces_never():
+    grid = SCALE.grid()
+    (tile, core), _ = grid.tiles(300, 128)[:2]
+    owned = (core[2] - 2, 64)  # in the first tile's core (up to x 107), whole in the second (from x 86) too
+    cut = (tile[2] - 5, 30)  # cut by the first tile's right edge, owned by the second tile
+    sample, truths = smear(300, 128, [owned])
+    prediction = predict_tiled(BlindInFirstTile(), sample, SCALE, POINT, batch_size=1)
+    assert len(prediction) == 1 and matched(prediction, truths)[0] == 1.0
+    sample, truths = smear(300, 128, [owned, cut])
+    prediction = predict_tiled(DiscDetector(), sample, SCALE, POINT, batch_size=1)
+    assert len(prediction) == 2 and min(matched(prediction, truths)) == 1.0  # each once, whole
+
+
 def test_a_cell_on_the_corner_of_four_tiles_is_kept_once_and_whole():
     grid = SCALE.grid()
     (_, core) = grid.tiles(300, 300)[0]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -93,8 +94,8 @@ def self_train(run_cfg: DictConfig, trained: DictConfig, module: DetectionModule
     run in ``out_dir``). Returns the fine-tuned model (its last checkpoint) and the number of
     pseudo-labelled cells."""
     point = operating_point(run_cfg)
-    point = OperatingPoint(max(point.min_confidence, float(settings.min_confidence)), point.nms, point.max_detections,
-                           "pseudo-labels", point.class_bias)
+    point = replace(point, min_confidence=max(point.min_confidence, float(settings.min_confidence)),
+                    source="pseudo-labels")
     labelled = pseudo_labels(run_cfg, module, images, point, out_dir / "pseudo_labels.json")
     cells = sum(len(record["annotations"]) for record in labelled)
     logger.info("pseudo-labels: %d cells on %d images (%s); fine-tuning %d steps", cells, len(labelled),

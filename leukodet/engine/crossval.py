@@ -102,7 +102,8 @@ def run_fold(cfg: DictConfig, index: int, out_dir: Path) -> dict:
     records, raw = cached_raw_predictions(fold_cfg, module, trained.best_checkpoint, "test")
     classes = get_metadata(split_name(fold_cfg.data.name, "test"))["thing_classes"]
     _, oracle = sweep(records, raw, classes, list(fold_cfg.eval.sweep_min_confidence), list(fold_cfg.eval.sweep_nms),
-                      max_detections, "f1", iou_threshold=fold_cfg.eval.iou_threshold)
+                      max_detections, "f1", iou_threshold=fold_cfg.eval.iou_threshold,
+                      cross_class_nms=fold_cfg.eval.get("cross_class_nms"))
     counts = {f"test_{c}": sum(a["category_id"] == i for r in records for a in r["annotations"])
               for i, c in enumerate(classes)}
     row = {"fold": index, "by": str(cfg.crossval.by), "seed": int(cfg.seed), "max_steps": int(fold_cfg.train.max_steps),
@@ -126,7 +127,8 @@ def figures_by_source(cfg: DictConfig, out_dir: Path, row: dict) -> list[dict]:
     checkpoint = Path(fold_cfg.train.run_dir) / "checkpoints" / row["best_checkpoint"]
     records, raw = cached_raw_predictions(fold_cfg, load_detector(checkpoint), checkpoint, "test")
     classes = get_metadata(split_name(fold_cfg.data.name, "test"))["thing_classes"]
-    point = OperatingPoint(row["min_confidence"], row["nms"], int(fold_cfg.eval.max_detections))
+    point = OperatingPoint(row["min_confidence"], row["nms"], int(fold_cfg.eval.max_detections),
+                           cross_class_nms=fold_cfg.eval.get("cross_class_nms"))
     table = evaluate_by_source(records, [refilter(r, point.scored()) for r in raw], classes,
                                min_confidence=point.min_confidence, iou_threshold=fold_cfg.eval.iou_threshold,
                                share_class=fold_cfg.eval.get("share_class"))
@@ -163,7 +165,8 @@ def calibrate_fold(cfg: DictConfig, index: int, out_dir: Path, row: dict) -> dic
     records, raw = cached_raw_predictions(fold_cfg, load_detector(checkpoint), checkpoint, "test")
     classes = get_metadata(split_name(fold_cfg.data.name, "test"))["thing_classes"]
     max_detections = int(fold_cfg.eval.max_detections)
-    val_point = OperatingPoint(row["min_confidence"], row["nms"], max_detections)
+    across = fold_cfg.eval.get("cross_class_nms")
+    val_point = OperatingPoint(row["min_confidence"], row["nms"], max_detections, cross_class_nms=across)
     iou, share_class = fold_cfg.eval.iou_threshold, fold_cfg.eval.get("share_class")
     draws = []
     chosen_sets = calibration_draws(records, int(settings.images), int(settings.draws), int(cfg.seed), index)
@@ -175,9 +178,9 @@ def calibrate_fold(cfg: DictConfig, index: int, out_dir: Path, row: dict) -> dic
                         first(val_point.min_confidence, fold_cfg.eval.sweep_min_confidence),
                         first(val_point.nms, fold_cfg.eval.sweep_nms), max_detections, fold_cfg.eval.sweep_metric,
                         iou_threshold=iou, class_biases=first(0.0, settings.class_bias),
-                        bias_class=bias_class(fold_cfg, classes))
+                        bias_class=bias_class(fold_cfg, classes), cross_class_nms=across)
         point = OperatingPoint(best["min_confidence"], best["nms"], max_detections,
-                               class_bias=tuple(best["class_bias"]))
+                               class_bias=tuple(best["class_bias"]), cross_class_nms=across)
         scored = {}
         for name, at in (("calibrated", point), ("val_point", val_point)):
             result = evaluate([records[i] for i in rest], [refilter(raw[i], at.scored()) for i in rest], classes,

@@ -33,7 +33,7 @@ from leukodet.viz import draw_predictions, write_rgb
 
 logger = logging.getLogger(__name__)
 
-POINT_KEYS = ("min_confidence", "nms", "max_detections", "class_bias")
+POINT_KEYS = ("min_confidence", "nms", "max_detections", "class_bias", "cross_class_nms")
 
 
 class CheckpointError(ValueError):
@@ -118,10 +118,12 @@ def operating_point(run_cfg: DictConfig) -> OperatingPoint:
             values[key], source = run_cfg.eval[key], "training run's eval"
         else:
             values[key], source = getattr(OperatingPoint(), key), "default"
-        if source != "default" or key != "class_bias":  # no bias is not worth a word
+        if source != "default" or key not in ("class_bias", "cross_class_nms"):  # off is not worth a word
             sources.append(f"{key} from {source}")
+    across = values["cross_class_nms"]
     return OperatingPoint(float(values["min_confidence"]), float(values["nms"]), int(values["max_detections"]),
-                          "; ".join(sources), tuple(float(b) for b in values["class_bias"]))
+                          "; ".join(sources), tuple(float(b) for b in values["class_bias"]),
+                          None if across is None else float(across))
 
 
 def predict_split(cfg: DictConfig, module: DetectionModule, records: list[dict], prefilter: OperatingPoint,
@@ -259,7 +261,8 @@ def sweep_split(cfg: DictConfig, module: DetectionModule, checkpoint: str | Path
     classes = get_metadata(name)["thing_classes"]
     table, best = sweep(records, raw, classes, list(cfg.eval.sweep_min_confidence), list(cfg.eval.sweep_nms),
                         max_detections, metric, iou_threshold=cfg.eval.iou_threshold,
-                        class_biases=list(cfg.eval.sweep_class_bias), bias_class=bias_class(cfg, classes))
+                        class_biases=list(cfg.eval.sweep_class_bias), bias_class=bias_class(cfg, classes),
+                        cross_class_nms=cfg.eval.get("cross_class_nms"))
     atomic_write_text(out_dir / f"sweep_{split}.csv", table.to_csv(index=False))
     plot_heatmap(table, metric, out_dir / f"sweep_{split}_{metric}.png", max(best["class_bias"], key=abs))
     thresholds = save_thresholds(Path(checkpoint).parent / "thresholds.json",
@@ -280,7 +283,7 @@ def choose_on_val(cfg: DictConfig, module: DetectionModule, checkpoint: str | Pa
     max_detections = int(cfg.eval.max_detections)
     _, best = sweep_split(cfg, module, checkpoint, "val", out_dir, max_detections)
     return OperatingPoint(best["min_confidence"], best["nms"], max_detections, f"chosen on val (best {best['metric']})",
-                          tuple(best["class_bias"])), best
+                          tuple(best["class_bias"]), best["cross_class_nms"]), best
 
 
 def evaluate_checkpoint(cfg: DictConfig, out_dir: str | Path):
@@ -315,7 +318,8 @@ def count_table_checkpoint(cfg: DictConfig, out_dir: str | Path) -> CountTable:
     require_trained_classes(cfg, module, split)
     records, raw = cached_raw_predictions(cfg, module, cfg.ckpt, split)
     table = count_table(records, raw, get_metadata(name)["thing_classes"], list(cfg.eval.count_min_confidence),
-                        point.nms, point.max_detections, cfg.eval.iou_threshold, class_bias=point.class_bias)
+                        point.nms, point.max_detections, cfg.eval.iou_threshold, class_bias=point.class_bias,
+                        cross_class_nms=point.cross_class_nms)
     atomic_write_text(out_dir / f"count_table_{split}.csv", table.per_image.to_csv(index=False))
     atomic_write_text(out_dir / f"count_summary_{split}.csv", table.summary.to_csv(index=False))
     logger.info("%s: %d images, count accuracy = min(segmented, true) / true, NMS %g\n%s", name, len(records),

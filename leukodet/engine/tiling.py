@@ -11,10 +11,13 @@ torchvision's resize rule (the trained model, its inference copy, the ONNX expor
 
 Merge (the StarDist ``predict_instances_big`` idea, with SAHI's duplicate check at the seams):
 the tiles' cores partition the image, each core running to the middle of the overlap with its
-neighbours; a detection is kept only from the tile whose core holds its box centre. With an
-overlap of at least one cell diameter a cell whose centre lies in a core is whole in that tile, and
-a piece of a cut cell has its centre in another tile's core, so each cell is kept once and never
-split. Detections whose centres land on either side of a core edge by box jitter are caught
+neighbours; a detection is kept from the tile whose core holds its box centre. With an overlap of
+at least one cell diameter a cell whose centre lies in a core is whole in that tile, and a piece of
+a cut cell has its centre in another tile's core, so each cell is kept once and never split. A
+cell that tile does not find (seen on the mosaics: the same cell found alone, missed beside other
+fields) is still kept from a neighbour that sees it whole, its box clear of that tile's inner
+edges: a piece always touches the edge that cuts it. Views of one cell from two tiles (centres on
+either side of a core edge by box jitter, or such a whole view beside the owner's) are caught
 after: of two boxes from different tiles with IoU above ``SEAM_IOU``, the lower score goes.
 
 Masks are written by region: each kept mask is encoded as a COCO RLE of the whole image from its
@@ -160,14 +163,33 @@ def concatenate(parts: Sequence[ImagePredictions]) -> ImagePredictions:
                             [r for p in parts for r in p.rles] if with_masks else None)
 
 
-def merge_tiles(parts: Sequence[ImagePredictions], cores: Sequence[tuple[float, float, float, float]]) -> ImagePredictions:
-    """Each tile's detections (file pixels) kept where their box centre lies in that tile's core
-    (file pixels), then the seam check across tiles (see the module doc)."""
+def clear_of_inner_edges(boxes: np.ndarray, window: tuple[float, float, float, float],
+                         image_size: tuple[float, float], margin: float = 1.0) -> np.ndarray:
+    """Which boxes keep ``margin`` pixels from every edge of their tile ``window`` that lies inside
+    the image (an image edge cuts no cell): whole cells, not pieces of cells the tile cuts."""
+    x0, y0, x1, y1 = window
+    width, height = image_size
+    clear = np.ones(len(boxes), bool)
+    for side, edge, inner in ((0, x0, x0 > 0), (1, y0, y0 > 0)):
+        if inner:
+            clear &= boxes[:, side] > edge + margin
+    for side, edge, inner in ((2, x1, x1 < width), (3, y1, y1 < height)):
+        if inner:
+            clear &= boxes[:, side] < edge - margin
+    return clear
+
+
+def merge_tiles(parts: Sequence[ImagePredictions], cores: Sequence[tuple[float, float, float, float]],
+                windows: Sequence[tuple[float, float, float, float]], image_size: tuple[float, float]) -> ImagePredictions:
+    """Each tile's detections (file pixels) kept where their box centre lies in that tile's core, or
+    where they are whole in that tile (``clear_of_inner_edges`` of its window), then the seam check
+    across tiles (see the module doc). ``cores``, ``windows``, ``image_size``: file pixels."""
     kept, tile_of = [], []
-    for index, (part, (cx0, cy0, cx1, cy1)) in enumerate(zip(parts, cores)):
+    for index, (part, (cx0, cy0, cx1, cy1), window) in enumerate(zip(parts, cores, windows)):
         centre_x = (part.boxes[:, 0] + part.boxes[:, 2]) / 2
         centre_y = (part.boxes[:, 1] + part.boxes[:, 3]) / 2
         inside = (centre_x >= cx0) & (centre_x < cx1) & (centre_y >= cy0) & (centre_y < cy1)
+        inside |= clear_of_inner_edges(part.boxes, window, image_size)
         kept.append(part.select(np.nonzero(inside)[0]))
         tile_of.append(np.full(int(inside.sum()), index))
     merged = concatenate(kept)
@@ -215,7 +237,8 @@ def predict_tiled(detector, sample: dict, scale: TileScale, point: OperatingPoin
         for (box, _), det in zip(chunk, detector.predict(batch, cut)):
             parts.append(tile_predictions(det, box[:2], (sx, sy), orig_size))
     cores = [(cx0 / sx, cy0 / sy, cx1 / sx, cy1 / sy) for _, (cx0, cy0, cx1, cy1) in tiles]
-    merged = merge_tiles(parts, cores)
+    windows = [(x0 / sx, y0 / sy, x1 / sx, y1 / sy) for (x0, y0, x1, y1), _ in tiles]
+    merged = merge_tiles(parts, cores, windows, (width / sx, height / sy))
     return refilter(merged, replace(point, max_detections=point.max_detections * len(tiles)))
 
 

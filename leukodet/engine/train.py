@@ -63,7 +63,7 @@ def best_metric_mode(metric: str) -> str:
 def trained_point(cfg: DictConfig) -> OperatingPoint:
     """The operating point a training run validates and is tested at: its own ``eval``."""
     return OperatingPoint(cfg.eval.min_confidence, cfg.eval.nms, cfg.eval.max_detections, "training run's eval",
-                          tuple(cfg.eval.get("class_bias") or ()))
+                          tuple(cfg.eval.get("class_bias") or ()), cfg.eval.get("cross_class_nms"))
 
 
 # What may change when a run resumes: how long it runs, where, on what hardware and how it is fed,
@@ -75,7 +75,7 @@ RESUME_MAY_CHANGE = ("train.max_steps", "train.run_dir", "train.resume", "train.
 
 # Keys added to the config after runs were saved, with the value that reproduces what those runs
 # did: a saved config.yaml without one reads as having it, so older runs still resume.
-ADDED_KEYS = {"eval.class_bias": None, "eval.sweep_class_bias": [0.0], "eval.tiling": False, "train.cell_px": None}
+ADDED_KEYS = {"eval.class_bias": None, "eval.cross_class_nms": None, "eval.sweep_class_bias": [0.0], "eval.tiling": False, "train.cell_px": None}
 
 
 class RunConfigError(ValueError):

@@ -63,7 +63,8 @@ def image_names(dataset_dicts: Sequence[dict]) -> list[str]:
 def count_table(dataset_dicts: Sequence[dict], raw: Sequence, class_names: Sequence[str],
                 min_confidences: Sequence[float] = (0.7, 0.8, 0.9), nms: float = 0.5, max_detections: int = 300,
                 iou_threshold: float = 0.5, iou_type: str | None = None, cache_floor: float = RAW_SCORE_FLOOR,
-                cache_cap: int = RAW_MAX_DETECTIONS, class_bias: tuple[float, ...] = ()) -> CountTable:
+                cache_cap: int = RAW_MAX_DETECTIONS, class_bias: tuple[float, ...] = (),
+                cross_class_nms: float | None = None) -> CountTable:
     """Score ``raw`` (cached raw predictions, one per dataset dict) re-filtered at each min
     confidence (and ``nms``, ``max_detections``, ``class_bias``) with one ``Evaluator``: every figure is what
     ``evaluate`` gives at that point. Images with no true cell have no accuracy (NaN) and are left
@@ -80,7 +81,8 @@ def count_table(dataset_dicts: Sequence[dict], raw: Sequence, class_names: Seque
                for block in blocks}
     summary = []
     for min_confidence in min_confidences:
-        point = OperatingPoint(min_confidence, nms, max_detections, class_bias=class_bias)
+        point = OperatingPoint(min_confidence, nms, max_detections, class_bias=class_bias,
+                               cross_class_nms=cross_class_nms)
         result = evaluator([refilter(r, point) for r in raw], iou_type)
         found = result.per_image[[f"pred_{name}" for name in class_names]].to_numpy()
         figures = result.summary()

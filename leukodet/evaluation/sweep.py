@@ -111,13 +111,13 @@ def sweep(dataset_dicts: Sequence[dict], raw: Sequence, class_names: Sequence[st
           min_confidences: Sequence[float], nms_values: Sequence[float], max_detections: int = 300,
           metric: str = "f1", cache_floor: float = RAW_SCORE_FLOOR, cache_cap: int = RAW_MAX_DETECTIONS,
           iou_type: str | None = None, iou_threshold: float = 0.5, class_biases: Sequence[float] = (0.0,),
-          bias_class: int = 0) -> tuple[pd.DataFrame, dict]:
+          bias_class: int = 0, cross_class_nms: float | None = None) -> tuple[pd.DataFrame, dict]:
     """Evaluate every (class bias, min confidence, NMS) point from the raw predictions
     (ImagePredictions or Detections-like, one per dataset dict); a bias is the logit added to the
     scores of class ``bias_class`` (the others get none). Returns the table (one row per point, the
     evaluator's summary as columns) and the best point by ``metric`` (a ``METRICS`` name; the first in
     grid order on ties, so list bias 0 first to prefer the model's own boundary), with its
-    ``class_bias`` for every class."""
+    ``class_bias`` for every class and the ``cross_class_nms`` every point used."""
     chosen = METRICS.get(metric)
     evaluator = Evaluator(dataset_dicts, class_names, iou_threshold)
     raw = to_rle_predictions(raw, dataset_dicts)
@@ -129,7 +129,8 @@ def sweep(dataset_dicts: Sequence[dict], raw: Sequence, class_names: Sequence[st
         for nms in nms_values:
             # the detector's NMS and cap commute with a higher score cut: filter once per NMS, and let
             # the evaluator apply each min confidence (AP is scored over all scores, see Evaluator)
-            scored = [refilter(r, OperatingPoint(floor, nms, max_detections, class_bias=class_bias)) for r in raw]
+            scored = [refilter(r, OperatingPoint(floor, nms, max_detections, class_bias=class_bias,
+                                                 cross_class_nms=cross_class_nms)) for r in raw]
             for min_confidence in min_confidences:
                 result = evaluator(scored, iou_type, min_confidence)
                 rows.append({"class_bias": float(bias), "min_confidence": min_confidence, "nms": nms,
@@ -143,7 +144,7 @@ def sweep(dataset_dicts: Sequence[dict], raw: Sequence, class_names: Sequence[st
     best_bias = float(table.class_bias[best])
     return table, {"min_confidence": float(table.min_confidence[best]), "nms": float(table.nms[best]),
                    "class_bias": list(one_class_bias(best_bias, bias_class, len(class_names))),
-                   "metric": metric, "value": float(values[best])}
+                   "cross_class_nms": cross_class_nms, "metric": metric, "value": float(values[best])}
 
 
 def save_thresholds(path: str | Path, best: dict) -> Path:

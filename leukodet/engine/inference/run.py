@@ -238,6 +238,7 @@ def run_inference(cfg: DictConfig, out_dir: str | os.PathLike) -> InferenceSumma
         "rpn_proposals": proposals, "flip_tta": bool(run_cfg.eval.get("flip_tta")),
         "min_confidence": point.min_confidence, "nms": point.nms, "max_detections": point.max_detections,
         "class_bias": list(point.class_bias) if any(point.class_bias) else None,  # None: as folders made before it
+        "cross_class_nms": point.cross_class_nms,
         "thresholds_from": point.source,
         "tiling": None if tiling is None else tiling.as_dict(),
         "preprocess": OmegaConf.to_container(run_cfg.preprocess, resolve=True),

@@ -23,7 +23,7 @@ class RunSettings:
     # compared before any record is reused: the checkpoint by content (a model retrained at the
     # same path is another model), the input by its resolved path (two folders named ``images``)
     KEYS = ("checkpoint_sha256", "backend", "rpn_proposals", "flip_tta", "classes", "min_confidence", "nms",
-            "max_detections", "class_bias", "preprocess", "input", "tiling")
+            "max_detections", "class_bias", "cross_class_nms", "preprocess", "input", "tiling")
 
     def __init__(self, out_dir: Path, settings: dict):
         self.path = out_dir / "run.json"
