@@ -156,8 +156,8 @@ def seam_errors(records: list[dict], predictions: list, min_confidence: float) -
         if kept.rles is not None and all(t is not None for t in truths):
             iou = mask_utils.iou(kept.rles, truths, [0] * len(truths)) if len(kept) and truths else np.zeros((len(kept), len(truths)))
         else:
-            iou = mask_utils.iou([list(map(float, b)) for b in kept.boxes],
-                                 [a["bbox"] for a in record["annotations"]], [0] * len(truths))
+            xywh = [[float(x0), float(y0), float(x1 - x0), float(y1 - y0)] for x0, y0, x1, y1 in kept.boxes]
+            iou = mask_utils.iou(xywh, [a["bbox"] for a in record["annotations"]], [0] * len(truths))
             iou = np.asarray(iou).reshape(len(kept), len(truths))
         hits = (np.asarray(iou).reshape(len(kept), len(truths)) >= 0.5).sum(axis=0)
         missed += int((hits == 0).sum())
