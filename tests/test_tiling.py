@@ -281,6 +281,8 @@ def test_a_model_trained_at_a_fixed_cell_size_tiles_each_source_at_its_own_scale
     # a model trained on windows predicts in tiles even where whole images are asked for
     assert run_tiling({"infer": {"tiling": False}}, saved) is not None
     assert run_tiling({"infer": {"tiling": False}}, {**saved, "fixed": False}) is None
+    older = TrainedScale(cell_px=80, network_cell_px=150, network_px=256)  # a checkpoint from before these keys
+    assert older.as_dict() == {"cell_px": 80, "network_cell_px": 150, "network_px": 256}  # run.json as it was
 
 
 @pytest.mark.parametrize("overrides, message", [

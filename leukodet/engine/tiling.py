@@ -306,8 +306,13 @@ class TrainedScale:
         return cls(float(np.median(file_px)), float(np.median(network_px)), int(min_size), sources)
 
     def as_dict(self) -> dict:
+        """Plain data for the checkpoint and ``run.json``; the keys added later only when set, so a
+        checkpoint from before them describes itself as it did (an inference folder it made is
+        still taken up where it stopped)."""
         return {"cell_px": round(self.cell_px, 2), "network_cell_px": round(self.network_cell_px, 2),
-                "network_px": self.network_px, "source_cell_px": self.source_cell_px, "fixed": self.fixed}
+                "network_px": self.network_px,
+                **({"source_cell_px": self.source_cell_px} if self.source_cell_px is not None else {}),
+                **({"fixed": True} if self.fixed else {})}
 
     def cell_scale(self, random_crop: bool):
         """The mapper's ``CellScale`` that shows images to the network as it was trained (``fixed``)."""
