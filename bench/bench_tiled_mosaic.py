@@ -210,11 +210,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for factor in args.resample:
             tiling = Tiling(trained, field_cell_px * factor)
+            grid = tiling.for_sample({"scale": (1.0, 1.0)}).grid()  # SAHI's slices: our tiles
             for fields in args.fields:
                 count = max(1, math.ceil(len(records) / fields))  # every field used at least once
                 mosaics = [mosaic(records, fields, i * fields, factor, Path(tmp) / f"m{fields}_{factor}_{i}.tif")
                            for i in range(count)]
-                grid = tiling.for_sample({"scale": (1.0, 1.0)}).grid()
                 modes = [("tiled", predict_child, tiling, point.scored()), ("whole", predict_child, None, point.scored())]
                 if args.sahi:
                     modes.append(("sahi", predict_sahi_child, (grid.tile, grid.overlap), point))

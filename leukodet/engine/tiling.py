@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from leukodet.preprocess.mapper import CellScale
+from leukodet.preprocess.mapper import CellScale, border_median
 from leukodet.structures import (Detections, ImagePredictions, OperatingPoint, describe_tiling, refilter,
                                  region_rle, rle_areas)
 
@@ -111,8 +111,8 @@ def pad_tile(crop: torch.Tensor, side: int) -> torch.Tensor:
     stays the trained one, and the padding is the smear's background, not an edge."""
     if crop.shape[-2:] == (side, side):
         return crop
-    border = torch.cat([crop[:, 0], crop[:, -1], crop[:, :, 0], crop[:, :, -1]], dim=1)
-    padded = border.median(dim=1).values.view(3, 1, 1).expand(3, side, side).clone()
+    background = torch.from_numpy(border_median(crop.permute(1, 2, 0).numpy()))
+    padded = background.view(3, 1, 1).expand(3, side, side).clone()
     padded[:, :crop.shape[1], :crop.shape[2]] = crop
     return padded
 
@@ -377,28 +377,35 @@ def measure_trained_scale(cfg, records: Sequence[dict]) -> TrainedScale | None:
     or whose ``max_size`` would shrink such a window, or without a cell to measure."""
     cell_px = cfg.train.get("cell_px")
     min_size, max_size = cfg.model.get("min_size"), cfg.model.get("max_size")
-    if min_size is None or max_size is None:
-        if cell_px is not None:
-            raise ValueError(f"train.cell_px={cell_px}: model {cfg.model.name} has no min_size / max_size input size "
-                             "rule to train windows at; drop train.cell_px")
-        return None
-    if cell_px is not None and str(cfg.model.name).startswith("d2_"):
-        # leukodet's detectron2 adapter feeds images at their preprocessed size (detectron2 resizes in
-        # its own mapper, which the one loop does not use), so min_size is not what its network sees
-        raise ValueError(f"train.cell_px={cell_px}: detectron2 models ({cfg.model.name}) see images unresized, so "
-                         "they cannot be trained on windows at a cell size yet; use a torchvision model")
-    if cell_px is not None and not 0 < float(cell_px) < int(min_size):
-        raise ValueError(f"train.cell_px={cell_px}: give a cell diameter in network pixels between 0 and "
-                         f"model.min_size ({min_size})")
-    if cell_px is not None and int(max_size) < int(min_size):
-        raise ValueError(f"train.cell_px needs model.max_size >= model.min_size (got {max_size} < {min_size}), "
-                         "so the detector keeps its square windows as they are")
-    scale = TrainedScale.measure(records, cfg.preprocess, int(min_size), int(max_size),
-                                 None if cell_px is None else float(cell_px))
-    if scale is None and cell_px is not None:
+    if cell_px is None:
+        if min_size is None or max_size is None:
+            return None
+        return TrainedScale.measure(records, cfg.preprocess, int(min_size), int(max_size))
+    refusal = cell_px_refusal(cfg, float(cell_px), min_size, max_size)
+    if refusal:
+        raise ValueError(f"train.cell_px={cell_px}: {refusal}")
+    scale = TrainedScale.measure(records, cfg.preprocess, int(min_size), int(max_size), float(cell_px))
+    if scale is None:
         raise ValueError(f"train.cell_px={cell_px}: the training split of {cfg.data.name} has no annotated cell to "
                          "measure its scale from")
     return scale
+
+
+def cell_px_refusal(cfg, cell_px: float, min_size: int | None, max_size: int | None) -> str | None:
+    """Why a model cannot train on windows at ``cell_px`` (None: it can)."""
+    if min_size is None or max_size is None:
+        return f"model {cfg.model.name} has no min_size / max_size input size rule to train windows at; drop it"
+    if str(cfg.model.name).startswith("d2_"):
+        # leukodet's detectron2 adapter feeds images at their preprocessed size (detectron2 resizes in
+        # its own mapper, which the one loop does not use), so min_size is not what its network sees
+        return (f"detectron2 models ({cfg.model.name}) see images unresized, so they cannot be trained on windows "
+                "at a cell size yet; use a torchvision model")
+    if not 0 < cell_px < int(min_size):
+        return f"give a cell diameter in network pixels between 0 and model.min_size ({min_size})"
+    if int(max_size) < int(min_size):
+        return (f"it needs model.max_size >= model.min_size (got {max_size} < {min_size}), so the detector keeps "
+                "its square windows as they are")
+    return None
 
 
 def run_tiling(run_cfg, saved_scale: dict | None, training_records=None, enabled: bool | None = None) -> Tiling | None:

@@ -58,10 +58,16 @@ def rasterize(polygons: Sequence[np.ndarray], height: int, width: int, out: np.n
 
 
 def border_median(image: np.ndarray) -> np.ndarray:
-    """The median colour of an HxWx3 image's one-pixel border: the smear's background, the fill
-    of padding that should look like more of the same slide."""
-    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-    return np.median(border, axis=0).astype(image.dtype)
+    """The median colour of an HxWx3 image's one-pixel border (the lower middle value, as
+    torch.median): the smear's background, the fill of padding that should look like more of the
+    same slide (training windows and inference tiles alike)."""
+    border = np.sort(np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]), axis=0)
+    return border[(len(border) - 1) // 2]
+
+
+def inside_canvas(xy: torch.Tensor | np.ndarray, width: int, height: int):
+    """Which (x, y) points lie on a ``width`` x ``height`` canvas."""
+    return (xy[:, 0] >= 0) & (xy[:, 0] < width) & (xy[:, 1] >= 0) & (xy[:, 1] < height)
 
 
 @dataclass(frozen=True)
@@ -99,7 +105,7 @@ class CellScale:
             image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR)
         matrix = np.diag([new_w / width, new_h / height, 1.0]) @ state.matrix
         if self.random_crop:
-            (x0, out_w), (y0, out_h) = self._window(new_w), self._window(new_h)
+            (x0, out_w), (y0, out_h) = (self._window_start(new_w), self.side), (self._window_start(new_h), self.side)
         else:
             (x0, out_w), (y0, out_h) = (0, max(new_w, self.side)), (0, max(new_h, self.side))
         canvas = np.empty((out_h, out_w, 3), np.uint8)
@@ -111,11 +117,11 @@ class CellScale:
         matrix = np.array([[1.0, 0, -x0], [0, 1.0, -y0], [0, 0, 1.0]]) @ matrix
         return replace(state, image=canvas, raw=canvas, matrix=matrix, foreground=None)
 
-    def _window(self, length: int) -> tuple[int, int]:
-        """(start, side) of a random window along one axis; a negative start pads."""
+    def _window_start(self, length: int) -> int:
+        """Where a random window of ``side`` starts along one axis; a negative start pads."""
         if length >= self.side:
-            return int(torch.randint(0, length - self.side + 1, ()).item()), self.side
-        return -int(torch.randint(0, self.side - length + 1, ()).item()), self.side
+            return int(torch.randint(0, length - self.side + 1, ()).item())
+        return -int(torch.randint(0, self.side - length + 1, ()).item())
 
 
 def visible(boxes: np.ndarray, masks: np.ndarray | None, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
@@ -224,7 +230,7 @@ class DatasetMapper:
             height, width = state.image.shape[:2]
             keep, boxes = visible(boxes, masks, width, height)
             masks, labels = (None if masks is None else masks[keep]), labels[keep]
-            inside = (points[:, 0] >= 0) & (points[:, 0] < width) & (points[:, 1] >= 0) & (points[:, 1] < height)
+            inside = inside_canvas(points, width, height)
             points, point_labels = points[inside], point_labels[inside]
         image = torch.from_numpy(np.ascontiguousarray(state.image.transpose(2, 0, 1)))
         instances = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels),
@@ -280,6 +286,6 @@ class DatasetMapper:
             keep &= masks.flatten(1).amax(dim=1) > 0
             masks = masks[keep]
         xy = out["points"].as_subclass(torch.Tensor)[:, :2]
-        inside = (xy[:, 0] >= 0) & (xy[:, 0] < width) & (xy[:, 1] >= 0) & (xy[:, 1] < height)
+        inside = inside_canvas(xy, width, height)
         instances = {"boxes": boxes[keep], "labels": out["labels"][keep], "masks": masks}
         return image, instances, xy[inside], point_labels[inside]
