@@ -5,7 +5,7 @@ DEMO_RUN ?= outputs/demo
 .PHONY: install demo test test-long test-all
 
 install:
-	$(PYTHON) -m pip install -q -e ".[test]"
+	$(PYTHON) -m pip install -q -e ".[test,slides]"
 
 # Train (a second `make demo` resumes the same run), evaluate on the test split, then run
 # inference over the sample's images as a lab would over a folder.

@@ -45,7 +45,8 @@ from leukodet.data.catalog import get_dataset_dicts, register_datasets, split_na
 from leukodet.data.imageio import read_image  # noqa: E402
 from leukodet.engine.evaluate import load_detector, operating_point, run_config  # noqa: E402
 from leukodet.engine.predictor import predict_original  # noqa: E402
-from leukodet.engine.tiling import Tiling, TrainedScale, cell_diameter  # noqa: E402
+from leukodet.data.scale import cell_diameter  # noqa: E402
+from leukodet.engine.tiling import Tiling, TrainedScale  # noqa: E402
 from leukodet.evaluation.metrics import evaluate  # noqa: E402
 from leukodet.preprocess.mapper import DatasetMapper  # noqa: E402
 

@@ -126,6 +126,10 @@ class InferConfig:
     # an overlay of a larger image (longest side, px) is a preview scaled down to this side: a 36 MP
     # field drawn at full size is a ~100 MB picture no viewer opens quickly
     overlay_max_side: int = 4096
+    # beside such a preview, this many full-resolution crops of overlay_crop_side px, where the most
+    # cells are (overlays/<image>.x<X>_y<Y>.jpg, X/Y the crop's top left in file pixels); 0: none
+    overlay_crops: int = 4
+    overlay_crop_side: int = 1024
     flag_share: float = 0.2  # folders.csv flags a share above this (a research aid, not a diagnosis)
     max_megapixels: float = 100.0  # larger files read whole are reported in errors.csv, not read (a TIFF
     # predicted tiled is read by region: no cap)
@@ -141,9 +145,12 @@ class InferConfig:
     # (leukodet.engine.tiling), so a frame of many fields finds its cells as a single field does;
     # false: the whole image squeezed to the model's input size (what checkpoints did before)
     tiling: bool = True
-    # this folder's typical cell diameter in its file pixels (another microscope or camera); null =
-    # the training images' (the same microscope)
+    # this folder's scale when it comes from another microscope or camera: its typical cell diameter
+    # in its file pixels, or its pixel size in micrometres (for a checkpoint whose data config states
+    # its own, um_per_px on each source). null: a TIFF's or slide's stated pixel size where the
+    # checkpoint can use it, else the training images' (the same microscope)
     cell_diameter_px: Optional[float] = None
+    um_per_px: Optional[float] = None
     tile_overlap: float = 1.25  # tiles overlap by this many cell diameters (>= 1: a cell is whole in one)
 
 

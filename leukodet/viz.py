@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,14 +76,18 @@ def render_split(dataset_dicts: Sequence[dict], metadata: dict, out_dir: str | P
 
 
 def draw_predictions(image: np.ndarray, prediction, class_names: Sequence[str],
-                     colors: Sequence[tuple[int, int, int]], scale: float = 1.0) -> np.ndarray:
+                     colors: Sequence[tuple[int, int, int]], scale: float = 1.0,
+                     origin: tuple[int, int] = (0, 0)) -> np.ndarray:
     """``image`` with each predicted mask (tinted, outlined) or box in its class colour, class and
     score beside it, and a legend strip of the counts per class. ``scale``: the image's size over
-    the file's (a downscaled preview of a big field); each mask is read back by its own box, so
+    the file's (a downscaled preview of a big field); ``origin``: the file pixel at the image's top
+    left (a full-resolution crop). Each mask is read back by its own box clipped to the view, so
     drawing costs per cell, not per image."""
     from leukodet.structures import crop_rle, mask_box
 
     out = image.copy()
+    ox, oy = origin
+    view_x1, view_y1 = ox + math.ceil(image.shape[1] / scale), oy + math.ceil(image.shape[0] / scale)
     thickness = max(1, round(min(image.shape[:2]) / 300))
     text_scale = max(0.35, min(image.shape[:2]) / 1200)
     counts: Counter = Counter()
@@ -90,21 +95,44 @@ def draw_predictions(image: np.ndarray, prediction, class_names: Sequence[str],
         label = int(prediction.labels[k])
         color = colors[label]
         counts[label] += 1
-        x0, y0, x1, y1 = (round(float(v) * scale) for v in prediction.boxes[k])
+        x0, y0, x1, y1 = (round((float(v) - o) * scale) for v, o in zip(prediction.boxes[k], (ox, oy, ox, oy)))
         if prediction.rles is not None:
             box = mask_box(prediction.rles[k])
+            box = (max(box[0], ox, 0), max(box[1], oy, 0), min(box[2], view_x1), min(box[3], view_y1))
             mask = crop_rle(prediction.rles[k], box).astype(np.uint8)
-            mx, my = round(max(box[0], 0) * scale), round(max(box[1], 0) * scale)
+            mx, my = round((box[0] - ox) * scale), round((box[1] - oy) * scale)
             if scale != 1.0 and mask.size:
                 size = (max(1, round(mask.shape[1] * scale)), max(1, round(mask.shape[0] * scale)))
                 mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
             mask = mask[:out.shape[0] - my, :out.shape[1] - mx]
-            region = out[my:my + mask.shape[0], mx:mx + mask.shape[1]]
-            region[mask > 0] = (0.6 * region[mask > 0] + 0.4 * np.array(color)).astype(np.uint8)
-            contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(mx, my))
-            cv2.drawContours(out, contours, -1, color, thickness)
+            if mask.size:  # empty where the cell lies outside the view
+                region = out[my:my + mask.shape[0], mx:mx + mask.shape[1]]
+                region[mask > 0] = (0.6 * region[mask > 0] + 0.4 * np.array(color)).astype(np.uint8)
+                contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(mx, my))
+                cv2.drawContours(out, contours, -1, color, thickness)
         else:
             cv2.rectangle(out, (x0, y0), (x1, y1), color, thickness)
         cv2.putText(out, f"{class_names[label]} {float(prediction.scores[k]):.2f}", (x0, max(10, y0 - 3)),
                     cv2.FONT_HERSHEY_SIMPLEX, text_scale, color, 1, cv2.LINE_AA)
     return with_legend(out, [(f"{class_names[c]}: {counts[c]}", colors[c]) for c in range(len(class_names))])
+
+
+def busiest_windows(boxes: np.ndarray, width: int, height: int, side: int, count: int) -> list[tuple[int, int, int, int]]:
+    """Up to ``count`` windows (x0, y0, x1, y1) of a ``side``-px grid over a ``width`` x ``height``
+    image, the last row and column moved inwards to stay whole: those holding the most centres of
+    these XYXY boxes, most first; windows without a cell are left out. Where the full-resolution
+    crops of a big image's overlay look."""
+    if count <= 0 or len(boxes) == 0:
+        return []
+
+    def starts(length: int) -> list[int]:
+        out = list(range(0, max(length - side, 0) + 1, side))
+        return out + [length - side] if out[-1] + side < length else out
+
+    windows = np.array([(x, y, min(x + side, width), min(y + side, height)) for y in starts(height) for x in starts(width)])
+    centres = (np.asarray(boxes[:, :2], np.float64) + np.asarray(boxes[:, 2:], np.float64)) / 2
+    inside = ((centres[None, :, 0] >= windows[:, None, 0]) & (centres[None, :, 0] < windows[:, None, 2])
+              & (centres[None, :, 1] >= windows[:, None, 1]) & (centres[None, :, 1] < windows[:, None, 3]))
+    cells = inside.sum(axis=1)
+    order = [i for i in np.argsort(-cells, kind="stable")[:count] if cells[i] > 0]
+    return [tuple(int(v) for v in windows[i]) for i in order]

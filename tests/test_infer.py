@@ -188,7 +188,9 @@ def test_evaluate_and_infer_use_the_trained_point_then_the_sweep_then_the_comman
 
 def test_outputs_are_complete_and_consistent(trained_run, smear_folder, tmp_path):
     out = tmp_path / "out"
-    summary = run_inference(infer_cfg(trained_run, smear_folder, out), out)
+    # 256x192 images drawn as previews of 200 px, each with full-resolution crops of 128 px beside it
+    big = ["infer.overlay_max_side=200", "infer.overlay_crop_side=128", "infer.overlay_crops=2"]
+    summary = run_inference(infer_cfg(trained_run, smear_folder, out, *big), out)
     assert (summary.images, summary.processed, summary.skipped) == (9, 6, 0)
     errors = {r["image"]: r["error"] for r in read_csv(out / "errors.csv")}
     assert set(errors) == set(BAD)
@@ -211,7 +213,13 @@ def test_outputs_are_complete_and_consistent(trained_run, smear_folder, tmp_path
         assert (row["min_confidence"], row["nms"], row["model"]) == ("0.05", "0.5", "maskrcnn_effnet_lite0")
         assert (int(row["width"]), int(row["height"])) == (256, 192)
         assert float(row["cell_diameter_px"]) == pytest.approx(tiling["input_cell_px"], abs=0.01)  # predicted tiled
-        assert RecordStore(out, smear_folder).overlay_path(row["image"]).is_file()
+        overlay = RecordStore(out, smear_folder).overlay_path(row["image"])
+        assert cv2.imread(str(overlay)).shape[1] == 200
+        crops = sorted(overlay.parent.glob(f"{overlay.stem}.x*_y*{overlay.suffix}"))
+        assert 0 < len(crops) <= 2 if len(mine) else not crops
+        for crop in crops:
+            x, y = map(int, re.fullmatch(r".*\.x(\d+)_y(\d+)\.(jpg|JPEG)", crop.name).groups()[:2])
+            assert x in (0, 128) and y in (0, 64) and cv2.imread(str(crop)).shape[1] == 128  # full resolution
     assert (detections.score > 0.05).all()
 
     results = json.loads((out / "results_coco.json").read_text())

@@ -208,3 +208,25 @@ def test_changed_prepare_settings_prepare_again(tmp_path, caplog):
     data["prepare"]["seed"] = 1
     ensure_prepared(data)
     assert val.read_text() != first and "prepared with other settings" in caplog.text
+
+
+def test_prepare_writes_each_sources_cell_scale_and_carries_its_pixel_size(tmp_path):
+    sources = two_acquisitions(tmp_path)
+    sources[0]["um_per_px"] = 0.5  # scanner a states its pixel size, b does not
+    common = dict(classes=["blast", "neutrophil"], class_attribute="cell_type", split={"train": 1.0}, flips=[])
+    prepare_dataset(sources, tmp_path / "full", **common)
+    prepare_dataset(sources, tmp_path / "half", scale=0.5, **common)
+    triangle_px = 20  # sqrt of its 20 x 20 box
+    for folder, factor in (("full", 1.0), ("half", 0.5)):
+        scale = json.loads((tmp_path / folder / "scale.json").read_text())["train"]
+        a, b = scale["a/via.json"], scale["b/via.json"]
+        assert a["images"] == a["cells"] == 12 and a["cell_px"] == pytest.approx(triangle_px * factor, abs=0.01)
+        assert a["um_per_px"] == pytest.approx(0.5 / factor)  # a rescaled image's pixels are larger
+        assert a["cell_um"] == pytest.approx(triangle_px * 0.5, abs=0.01)  # the cells' size does not change
+        assert b["um_per_px"] is None and b["cell_um"] is None
+    train = json.loads((tmp_path / "half" / "train.json").read_text())
+    assert {img.get("um_per_px") for img in train["images"]} == {1.0, None}
+    for bad, message in (("'abc'", "is not a number"), (350, "outside 0.02-5 um")):
+        sources[0]["um_per_px"] = bad.strip("'") if isinstance(bad, str) else bad
+        with pytest.raises(ValueError, match=f"a/via.json: um_per_px={bad}.*{message}"):
+            prepare_dataset(sources, tmp_path / "bad", **common)

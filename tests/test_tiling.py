@@ -297,3 +297,27 @@ def test_training_at_a_cell_size_the_model_cannot_take_is_refused(overrides, mes
     records = [{"width": 100, "height": 100, "annotations": [{"bbox": [0, 0, 30, 30]}]}]
     with pytest.raises(ValueError, match=message):
         measure_trained_scale(cfg, records)
+
+
+def test_a_pixel_size_brings_another_microscopes_cells_to_the_trained_scale():
+    def cells(diameter, source, um_per_px):
+        disc = {"bbox": [0, 0, diameter, diameter], "area": np.pi * (diameter / 2) ** 2, "segmentation": [[0, 0, 1, 1, 2, 0]]}
+        return [{"width": 300, "height": 300, "source": source, "um_per_px": um_per_px, "annotations": [disc]}]
+
+    # 8 um cells: 80 px at 0.1 um/px in one acquisition, 40 px at 0.2 in the other
+    scale = TrainedScale.measure(cells(80, "d1.json", 0.1) + cells(40, "d2.json", 0.2), {"steps": []}, 256, 320)
+    assert scale.cell_um == pytest.approx(8) and TrainedScale(**scale.as_dict()) == scale
+    assert Tiling(scale, input_um_per_px=0.25).cell_px_for({}) == pytest.approx(32)  # given for the folder
+    assert Tiling(scale).cell_px_for({"um_per_px": 0.05}) == pytest.approx(160)  # stated by the file
+    assert Tiling(scale).cell_px_for({"source": "d2.json", "um_per_px": 0.05}) == 40  # a known source's own cells
+    assert Tiling(scale, input_cell_px=70).cell_px_for({"um_per_px": 0.05}) == 70  # a given diameter wins
+    assert Tiling(scale).as_dict()["cell_um"] == pytest.approx(8)
+    unknown = TrainedScale.measure(cells(80, "d1.json", 0.1) + cells(40, "d3.json", None), {"steps": []}, 256, 320)
+    assert unknown.cell_um is None and "cell_um" not in unknown.as_dict()
+    assert Tiling(unknown).cell_px_for({"um_per_px": 0.05}) == unknown.cell_px  # no micrometres to go by
+    with pytest.raises(ValueError, match="infer.um_per_px needs a checkpoint that knows"):
+        Tiling(unknown, input_um_per_px=0.25)
+    with pytest.raises(ValueError, match="both given"):
+        Tiling(scale, input_cell_px=70, input_um_per_px=0.25)
+    with pytest.raises(ValueError, match="infer: um_per_px=300 is outside"):
+        run_tiling({"infer": {"tiling": True, "um_per_px": 300}}, scale.as_dict())

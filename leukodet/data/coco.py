@@ -30,7 +30,8 @@ def to_coco(records: Sequence[ImageRecord], classes: Sequence[str], json_dir: st
     images, annotations, points = [], [], []
     for image_id, record in enumerate(records, start=1):
         images.append({"id": image_id, "width": record.width, "height": record.height,
-                       "file_name": os.path.relpath(record.file_name, json_dir), "source": source_name(record.source)})
+                       "file_name": os.path.relpath(record.file_name, json_dir), "source": source_name(record.source),
+                       **({} if record.um_per_px is None else {"um_per_px": record.um_per_px})})
         for region in record.regions:
             category_id = category_ids[region.label]
             if region.kind == POINT:
@@ -79,7 +80,7 @@ def load_dataset_dicts(path: str | os.PathLike) -> tuple[list[dict], dict]:
         dicts[image["id"]] = {
             "file_name": str((path.parent / image["file_name"]).resolve()), "image_id": image["id"],
             "height": image["height"], "width": image["width"], "box_only": box_only,
-            "source": image.get("source", ""), "annotations": [], "points": [],
+            "source": image.get("source", ""), "um_per_px": image.get("um_per_px"), "annotations": [], "points": [],
         }
     for ann in coco["annotations"]:
         instance = {"bbox": ann["bbox"], "bbox_mode": BOX_MODE_XYWH_ABS,

@@ -24,14 +24,20 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from leukodet.data.scale import PLAUSIBLE_UM_PER_PX
+
 # libjpeg scales the DCT while decoding: a 1/4 decode costs about a third of a full one.
 REDUCED_FLAGS = {factor: flag | cv2.IMREAD_IGNORE_ORIENTATION for factor, flag in
                  ((2, cv2.IMREAD_REDUCED_COLOR_2), (4, cv2.IMREAD_REDUCED_COLOR_4), (8, cv2.IMREAD_REDUCED_COLOR_8))}
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-# What folder inference and previews pick up, in any letter case.
+# What previews pick up, in any letter case: files read whole.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
+# Whole-slide scanner formats OpenSlide reads (the optional ``slides`` extra); read by region only.
+SLIDE_SUFFIXES = frozenset({".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".svslide", ".bif"})
+# What folder inference picks up.
+INPUT_SUFFIXES = IMAGE_SUFFIXES | SLIDE_SUFFIXES
 
 
 class ImageReadError(ValueError, OSError):
@@ -110,50 +116,43 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
 
 
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
+TIFF_UNIT_UM = {2: 25400.0, 3: 10000.0}  # TIFF ResolutionUnit inch / centimetre, in micrometres
 
 
-class TiffRegions:
-    """A TIFF read by region: only the tiles or strips a region crosses are decoded (tifffile's
-    Zarr view of the file), so a whole slide or a 36 MP camera frame never sits in memory whole.
-    Regions follow the module's conversion rule, except that float images are refused (their
-    min-max stretch needs the whole image): ``open`` returns None for files it cannot read so,
-    and the caller reads them whole."""
+def plausible_um_per_px(value: float | None) -> float | None:
+    """A file's stated pixel size when it is one a microscope image can have, else None (a TIFF
+    writer's 72 dpi default is not a measurement)."""
+    low, high = PLAUSIBLE_UM_PER_PX
+    return float(value) if value and low <= float(value) <= high else None
 
-    def __init__(self, path: Path, store, array):
-        self.path, self._store, self._array = path, store, array
-        self.height, self.width = int(array.shape[0]), int(array.shape[1])
+
+class RegionReader:
+    """An image read by region, so a whole slide or a 36 MP camera frame never sits in memory
+    whole: ``width``, ``height``, ``um_per_px`` (the pixel size the file states, None where it
+    states none plausible) and ``read(x0, y0, x1, y1)``, RGB uint8 under the module's conversion
+    rule. ``open_regions`` picks the reader for a file."""
+
+    width: int
+    height: int
+    um_per_px: float | None = None
+
+    def __init__(self, path: Path):
+        self.path = path
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "TiffRegions | None":
-        path = Path(path)
-        if path.suffix.lower() not in TIFF_SUFFIXES:
-            return None
-        import tifffile
-        import zarr
-
-        try:
-            store = tifffile.imread(path, aszarr=True, level=0)
-            array = zarr.open(store, mode="r")
-        except Exception:  # noqa: BLE001 - not readable by region: the whole-file reader reports what is wrong
-            return None
-        plain = array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))
-        if not plain or array.dtype not in (np.uint8, np.uint16):  # planar, multi-channel or float
-            store.close()
-            return None
-        return cls(path, store, array)
+    def open(cls, path: str | os.PathLike) -> "RegionReader | None":
+        raise NotImplementedError
 
     def read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         """RGB uint8 pixels of the region [x0, x1) x [y0, y1), clipped to the image."""
         x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, self.width), min(y1, self.height)
         try:
-            region = np.asarray(self._array[y0:y1, x0:x1])
+            return self._read(x0, y0, x1, y1)
         except Exception as err:  # noqa: BLE001 - a damaged tile, named with its file
             raise ImageReadError(f"{self.path}: cannot read region x {x0}-{x1}, y {y0}-{y1} ({err})") from None
-        if region.dtype == np.uint16:
-            region = (region >> 8).astype(np.uint8)
-        if region.ndim == 2:
-            return np.repeat(region[..., None], 3, axis=2)
-        return np.ascontiguousarray(region[..., :3])
+
+    def _read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        raise NotImplementedError
 
     def preview(self, max_side: int, band: int = 512) -> tuple[np.ndarray, float]:
         """The image scaled down so its longest side is at most ``max_side`` (and the factor),
@@ -168,18 +167,118 @@ class TiffRegions:
         return np.concatenate(bands), factor
 
     def close(self) -> None:
-        self._store.close()
+        pass
 
     def __del__(self):  # the file handle goes with the sample, not at the end of a 10,000-image run
-        store = self.__dict__.get("_store")
-        if store is not None:
-            store.close()
+        if "path" in self.__dict__:
+            self.close()
 
     def __getstate__(self):  # loader workers pass it to the main process: reopened there
         return {"path": self.path}
 
     def __setstate__(self, state):
-        reopened = TiffRegions.open(state["path"])
+        reopened = type(self).open(state["path"])
         if reopened is None:
             raise ImageReadError(f"{state['path']}: no longer readable by region")
         self.__dict__.update(reopened.__dict__)
+        reopened.__dict__.clear()  # the handle now belongs to self
+
+
+class TiffRegions(RegionReader):
+    """A TIFF read by region: only the tiles or strips a region crosses are decoded (tifffile's
+    Zarr view of the file). Regions follow the module's conversion rule, except that float images
+    are refused (their min-max stretch needs the whole image): ``open`` returns None for files it
+    cannot read so, and the caller reads them whole. The pixel size comes from the resolution tags
+    when their unit is inch or centimetre."""
+
+    def __init__(self, path: Path, store, array, um_per_px: float | None = None):
+        super().__init__(path)
+        self._store, self._array = store, array
+        self.height, self.width = int(array.shape[0]), int(array.shape[1])
+        self.um_per_px = um_per_px
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "TiffRegions | None":
+        path = Path(path)
+        if path.suffix.lower() not in TIFF_SUFFIXES:
+            return None
+        import tifffile
+        import zarr
+
+        try:
+            with tifffile.TiffFile(path) as tiff:
+                page = tiff.pages[0]
+                unit = TIFF_UNIT_UM.get(int(page.resolutionunit))
+                um_per_px = plausible_um_per_px(unit / page.resolution[0] if unit and page.resolution[0] else None)
+            store = tifffile.imread(path, aszarr=True, level=0)
+            array = zarr.open(store, mode="r")
+        except Exception:  # noqa: BLE001 - not readable by region: the whole-file reader reports what is wrong
+            return None
+        plain = array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))
+        if not plain or array.dtype not in (np.uint8, np.uint16):  # planar, multi-channel or float
+            store.close()
+            return None
+        return cls(path, store, array, um_per_px)
+
+    def _read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        region = np.asarray(self._array[y0:y1, x0:x1])
+        if region.dtype == np.uint16:
+            region = (region >> 8).astype(np.uint8)
+        if region.ndim == 2:
+            return np.repeat(region[..., None], 3, axis=2)
+        return np.ascontiguousarray(region[..., :3])
+
+    def close(self) -> None:
+        store = self.__dict__.get("_store")
+        if store is not None:
+            store.close()
+
+
+class SlideRegions(RegionReader):
+    """A whole-slide scanner file (Aperio, Hamamatsu, MIRAX, Leica, Ventana, ...) read by region
+    at full resolution with OpenSlide (the optional ``slides`` extra: ``pip install
+    'leukodet[slides]'``). Pixels outside the scanned area, transparent in OpenSlide, become the
+    slide's background colour (white unless it states one), as a smear's empty glass looks,
+    rather than black, which the thresholding steps would take for cells. The pixel size is the
+    slide's ``openslide.mpp-x``."""
+
+    def __init__(self, path: Path, slide):
+        super().__init__(path)
+        self._slide = slide
+        self.width, self.height = slide.dimensions
+        self.um_per_px = plausible_um_per_px(slide.properties.get("openslide.mpp-x"))
+        colour = slide.properties.get("openslide.background-color") or "FFFFFF"
+        self._background = np.array([int(colour[i:i + 2], 16) for i in (0, 2, 4)], np.uint8)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "SlideRegions":
+        path = Path(path)
+        try:
+            import openslide
+        except ImportError:
+            raise ImageReadError(f"{path}: a slide scanner file needs OpenSlide: pip install 'leukodet[slides]' "
+                                 "(or convert the slide to a tiled TIFF)") from None
+        try:
+            return cls(path, openslide.OpenSlide(str(path)))
+        except (openslide.OpenSlideError, OSError) as err:
+            raise ImageReadError(f"{path}: OpenSlide cannot read it ({err})") from None
+
+    def _read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        rgba = np.asarray(self._slide.read_region((x0, y0), 0, (max(x1 - x0, 0), max(y1 - y0, 0))))
+        rgb = np.ascontiguousarray(rgba[..., :3])
+        rgb[rgba[..., 3] == 0] = self._background
+        return rgb
+
+    def close(self) -> None:
+        slide = self.__dict__.get("_slide")
+        if slide is not None:
+            slide.close()
+
+
+def open_regions(path: str | os.PathLike) -> RegionReader | None:
+    """The region reader for a file: OpenSlide for a scanner format, tifffile for a TIFF it can
+    read so; None for any other file (read it whole)."""
+    path = Path(path)
+    if path.suffix.lower() in SLIDE_SUFFIXES:
+        return SlideRegions.open(path)
+    return TiffRegions.open(path)

@@ -10,6 +10,7 @@ StratifiedGroupKFold does k equal folds only, which is what a cross-validation f
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import random
 import re
@@ -24,8 +25,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from leukodet.data.coco import write_coco
+from leukodet.data.coco import load_dataset_dicts, write_coco
 from leukodet.data.records import POINT, ImageRecord, Region, Skip
+from leukodet.data.scale import check_um_per_px, scale_summary
 from leukodet.data.sizes import SizeRule, assign_size_classes
 from leukodet.data.via import AnnotationError, LabelPolicy, ParseResult, UnmappedLabelError
 from leukodet.io import atomic_write_bytes, atomic_write_text
@@ -49,7 +51,8 @@ class Prepared:
 
 def read_sources(sources: Sequence[Mapping[str, Any]], labels: LabelPolicy,
                  min_area_inside: float | None = None) -> ParseResult:
-    """Read every source (``{name: via|coco|<plugin>, path: ..., image_dir: ...}``).
+    """Read every source (``{name: via|coco|<plugin>, path: ..., image_dir: ...}``, and its pixel
+    size in micrometres, ``um_per_px``, where known: it goes with each of its records).
 
     A source file that cannot be read at all is reported as skipped and the others are still
     converted; only when no source can be read is that an error. ``min_area_inside`` (px²), when
@@ -59,13 +62,19 @@ def read_sources(sources: Sequence[Mapping[str, Any]], labels: LabelPolicy,
     failures = []
     geometry = {} if min_area_inside is None else {"min_area_inside": min_area_inside}
     for source in sources:
+        source = dict(source)
+        um_per_px = check_um_per_px(source.pop("um_per_px", None), f"prepare source {source.get('path', '')}")
         try:
-            result.extend(DATASETS.build(source, labels=labels, **geometry))
+            parsed = DATASETS.build(source, labels=labels, **geometry)
         except UnmappedLabelError:
             raise
         except AnnotationError as err:
             failures.append(str(err))
             result.skips.append(Skip(str(source.get("path", "")), "", None, f"annotation file unreadable: {err}"))
+            continue
+        for record in parsed.records:
+            record.um_per_px = um_per_px
+        result.extend(parsed)
     if failures and len(failures) == len(sources):
         raise AnnotationError("no annotation file could be read:\n" + "\n".join(failures))
     for message in failures:
@@ -234,7 +243,9 @@ def rescale_record(record: ImageRecord, factor: float, out_path: Path) -> ImageR
     _write_like(record.file_name, image, out_path)
     ratio = np.array([width / record.width, height / record.height])
     regions = [Region(r.label, r.kind, r.points * ratio) for r in record.regions]
-    return replace(record, file_name=str(out_path.resolve()), regions=regions, width=width, height=height)
+    um_per_px = None if record.um_per_px is None else record.um_per_px * record.width / width
+    return replace(record, file_name=str(out_path.resolve()), regions=regions, width=width, height=height,
+                   um_per_px=um_per_px)
 
 
 def derived_name(record: ImageRecord, tag: str) -> str:
@@ -320,6 +331,18 @@ def log_skip_summary(skips: Sequence[Skip], csv_path: Path) -> None:
                 table.to_string(index=False))
 
 
+def write_scale(path: Path, split_files: Mapping[str, Path]) -> dict:
+    """``scale.json``: each split's cell size per source (``leukodet.data.scale.scale_summary``), logged
+    as a line per source of the training split (the scale a model trained on it learns)."""
+    scale = {name: scale_summary(load_dataset_dicts(file)[0]) for name, file in split_files.items()}
+    atomic_write_text(path, json.dumps(scale, indent=1))
+    for source, row in scale.get("train", {}).items():
+        size = "" if row["cell_um"] is None else f", {row['cell_um']:.1f} um at {row['um_per_px']:g} um/px"
+        logger.info("cells of %s: median diameter %s px%s (%d cells; %s)", source or "the training split",
+                    row["cell_px"], size, row["cells"], path.name)
+    return scale
+
+
 def prepare_dataset(sources: Sequence[Mapping[str, Any]], out_dir: str | Path, classes: Sequence[str] | None = None,
                     class_attribute: str = "class", class_map: Mapping[str, str | None] | None = None,
                     unmapped: str = "error", group_regex: str | None = None,
@@ -328,8 +351,8 @@ def prepare_dataset(sources: Sequence[Mapping[str, Any]], out_dir: str | Path, c
                     flips: Sequence[str] = ("x", "y", "xy"), balance: bool | str = False, target_ratio: float = 1.0,
                     scale: float = 1.0, size_classes: Mapping[str, Any] | None = None,
                     min_area_inside: float | None = None) -> Prepared:
-    """Run the whole preparation and write ``out_dir/{train,val,test}.json``, ``summary.csv``
-    and ``skipped.csv``. Returns the written paths and the summary table.
+    """Run the whole preparation and write ``out_dir/{train,val,test}.json``, ``summary.csv``,
+    ``scale.json`` and ``skipped.csv``. Returns the written paths and the summary table.
 
     ``size_classes`` (a ``SizeRule`` mapping, see ``leukodet.data.sizes``) relabels every cell by its
     area after the class map, in source pixels; ``classes`` then defaults to the rule's classes.
@@ -386,6 +409,7 @@ def prepare_dataset(sources: Sequence[Mapping[str, Any]], out_dir: str | Path, c
                    for name, items in parts.items()}
     table = pd.concat(summary, ignore_index=True)
     atomic_write_text(out_dir / "summary.csv", table.to_csv(index=False))
+    write_scale(out_dir / "scale.json", split_files)
     atomic_write_text(out_dir / "skipped.csv", skips_table(skips).to_csv(index=False))
     point_note = " (count-only points)" if all(r.kind == POINT for rec in records for r in rec.regions) else ""
     logger.info("prepared %d images%s, classes %s, box_only=%s\n%s", len(records), point_note, classes, box_only,

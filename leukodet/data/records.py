@@ -50,6 +50,7 @@ class ImageRecord:
     height: int | None = None
     source: str = ""  # the annotation file it came from, for reports
     group: str = ""  # patient/slide id from the group regex, for grouped splits
+    um_per_px: float | None = None  # the pixel size in micrometres, where its source states it
 
 
 @dataclass

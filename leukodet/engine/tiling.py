@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
+from leukodet.data.scale import cell_diameter, check_um_per_px
 from leukodet.preprocess.mapper import CellScale, border_median
 from leukodet.structures import (Detections, ImagePredictions, OperatingPoint, describe_tiling, refilter,
                                  region_rle, rle_areas)
@@ -242,15 +243,6 @@ def predict_tiled(detector, sample: dict, scale: TileScale, point: OperatingPoin
     return refilter(merged, replace(point, max_detections=point.max_detections * len(tiles)))
 
 
-def cell_diameter(annotation: dict) -> float:
-    """A cell's equivalent diameter in its image's pixels: the disc of its polygon's area, or
-    sqrt(w * h) for a box (the diameter of a disc of the box's inscribed ellipse's area)."""
-    _, _, w, h = annotation["bbox"]
-    if annotation.get("segmentation") and annotation.get("area"):
-        return 2 * math.sqrt(float(annotation["area"]) / math.pi)
-    return math.sqrt(max(w, 0) * max(h, 0))
-
-
 def chain_factor(preprocess_cfg, width: int, height: int) -> tuple[float, float]:
     """(sx, sy) from file pixels to the preprocessing chain's output for a file of this size: the
     last ``scale`` step's (each sizes itself from the file), else (1, 1)."""
@@ -274,7 +266,8 @@ class TrainedScale:
     """The scale a detector was trained at: the training cells' median diameter in file pixels
     (``cell_px``, what an input from the same microscope has; ``source_cell_px`` per source), the
     median diameter the network saw them at (``network_cell_px``) and its square input side
-    (``network_px``, its ``min_size``). ``fixed``: trained on windows at one cell size
+    (``network_px``, its ``min_size``); ``cell_um``, the median diameter in micrometres where every
+    training source states its pixel size (``um_per_px``). ``fixed``: trained on windows at one cell size
     (``train.cell_px``, ``leukodet.preprocess.mapper.CellScale``), so it must be shown its
     inputs at that scale, in tiles; else whole images were squeezed to ``min_size`` and the
     network cell size is the median of what that made of them."""
@@ -284,11 +277,12 @@ class TrainedScale:
     network_px: int
     source_cell_px: dict[str, float] | None = None
     fixed: bool = False
+    cell_um: float | None = None
 
     @classmethod
     def measure(cls, records: Sequence[dict], preprocess_cfg, min_size: int, max_size: int,
                 cell_px: float | None = None) -> "TrainedScale | None":
-        file_px, network_px, by_source = [], [], {}
+        file_px, network_px, um, by_source = [], [], [], {}
         for record in records:
             sx, _ = chain_factor(preprocess_cfg, record["width"], record["height"])
             factor = sx * network_factor(record["width"] * sx, record["height"] * sx, min_size, max_size)
@@ -297,13 +291,15 @@ class TrainedScale:
                 if diameter > 0:
                     file_px.append(diameter)
                     network_px.append(diameter * factor)
+                    um.append(diameter * (record.get("um_per_px") or math.nan))
                     by_source.setdefault(record.get("source", ""), []).append(diameter)
         if not file_px:
             return None
         sources = {source: round(float(np.median(d)), 2) for source, d in sorted(by_source.items())}
-        if cell_px is not None:
-            return cls(float(np.median(file_px)), float(cell_px), int(min_size), sources, fixed=True)
-        return cls(float(np.median(file_px)), float(np.median(network_px)), int(min_size), sources)
+        cell_um = None if np.isnan(um).any() else round(float(np.median(um)), 3)  # every source's pixel size known
+        network_cell_px = float(cell_px) if cell_px is not None else float(np.median(network_px))
+        return cls(float(np.median(file_px)), network_cell_px, int(min_size), sources, fixed=cell_px is not None,
+                   cell_um=cell_um)
 
     def as_dict(self) -> dict:
         """Plain data for the checkpoint and ``run.json``; the keys added later only when set, so a
@@ -312,7 +308,8 @@ class TrainedScale:
         return {"cell_px": round(self.cell_px, 2), "network_cell_px": round(self.network_cell_px, 2),
                 "network_px": self.network_px,
                 **({"source_cell_px": self.source_cell_px} if self.source_cell_px is not None else {}),
-                **({"fixed": True} if self.fixed else {})}
+                **({"fixed": True} if self.fixed else {}),
+                **({"cell_um": self.cell_um} if self.cell_um is not None else {})}
 
     def cell_scale(self, random_crop: bool):
         """The mapper's ``CellScale`` that shows images to the network as it was trained (``fixed``)."""
@@ -322,27 +319,46 @@ class TrainedScale:
 
 @dataclass(frozen=True)
 class Tiling:
-    """Tiled prediction settings for one run: the trained scale, the input's cell diameter in file
-    pixels (``infer.cell_diameter_px``; None: the diameter of the image's source's training cells
-    where the checkpoint knows its source, else of all training cells), the overlap in cell
-    diameters."""
+    """Tiled prediction settings for one run: the trained scale, the input's scale given for the
+    run (``infer.cell_diameter_px``, its cells' diameter in file pixels, or ``infer.um_per_px``, its
+    pixel size, with a checkpoint that knows its cells in micrometres), the overlap in cell
+    diameters. Without a given scale, an image's cells are taken to be as large as its source's
+    training cells where the checkpoint knows its source, else as the file's own pixel size makes
+    them (a TIFF or slide stating one), else as all training cells."""
 
     trained: TrainedScale
     input_cell_px: float | None = None
     overlap_cells: float = 1.25
+    input_um_per_px: float | None = None
+
+    def __post_init__(self):
+        if self.input_cell_px is not None and self.input_um_per_px is not None:
+            raise ValueError("infer.cell_diameter_px and infer.um_per_px are both given: they say the same thing "
+                             "two ways; keep one")
+        if self.input_um_per_px is not None and self.trained.cell_um is None:
+            raise ValueError("infer.um_per_px needs a checkpoint that knows its training cells in micrometres (a data "
+                             "config whose sources state um_per_px); give infer.cell_diameter_px instead")
 
     def cell_px_for(self, record: dict) -> float:
         """The input cell diameter (file pixels) of an image from this record."""
         if self.input_cell_px is not None:
             return self.input_cell_px
-        return (self.trained.source_cell_px or {}).get(record.get("source", ""), self.trained.cell_px)
+        if self.input_um_per_px is not None:
+            return self.trained.cell_um / self.input_um_per_px
+        known = (self.trained.source_cell_px or {}).get(record.get("source", ""))
+        if known is not None:
+            return known
+        if record.get("um_per_px") and self.trained.cell_um is not None:
+            return self.trained.cell_um / record["um_per_px"]
+        return self.trained.cell_px
 
     def for_sample(self, sample: dict) -> TileScale:
         return TileScale(self.cell_px_for(sample.get("record") or {}) * sample["scale"][0],
                          self.trained.network_cell_px, self.trained.network_px, self.overlap_cells)
 
     def as_dict(self) -> dict:
-        return {**self.trained.as_dict(), "input_cell_px": self.cell_px_for({}), "overlap_cells": self.overlap_cells}
+        return {**self.trained.as_dict(), "input_cell_px": self.cell_px_for({}), "overlap_cells": self.overlap_cells,
+                **({"input_um_per_px": self.input_um_per_px} if self.input_um_per_px is not None else {})}
 
     def describe(self) -> str:
         return describe_tiling(self.as_dict())
@@ -367,7 +383,7 @@ def scale_warning(prediction: ImagePredictions, expected_px: float, tolerance: f
     if found is None or 1 / tolerance <= found / expected_px <= tolerance:
         return None
     return (f"cells found are {found:.0f} px across, the model expects {expected_px:.0f} px: a likely wrong scale; "
-            f"give this folder's with infer.cell_diameter_px=...")
+            f"give this folder's with infer.cell_diameter_px=... or infer.um_per_px=...")
 
 
 def measure_trained_scale(cfg, records: Sequence[dict]) -> TrainedScale | None:
@@ -431,4 +447,5 @@ def run_tiling(run_cfg, saved_scale: dict | None, training_records=None, enabled
                        "input size (retrain to record it, or infer.tiling=false to silence this)")
         return None
     given = infer_cfg.get("cell_diameter_px")
-    return Tiling(trained, float(given) if given else None, float(infer_cfg.get("tile_overlap", 1.25)))
+    pixel_size = check_um_per_px(infer_cfg.get("um_per_px"), "infer")
+    return Tiling(trained, float(given) if given else None, float(infer_cfg.get("tile_overlap", 1.25)), pixel_size)

@@ -13,6 +13,7 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -22,7 +23,7 @@ from pycocotools import mask as mask_utils
 from torchvision import tv_tensors
 
 from leukodet.data.augment import build_augmentation
-from leukodet.data.imageio import TiffRegions
+from leukodet.data.imageio import SLIDE_SUFFIXES, ImageReadError, RegionReader, open_regions
 from leukodet.preprocess import PreprocessChain, PreprocessState
 from leukodet.preprocess.steps import target_size
 
@@ -148,7 +149,7 @@ class ChainedRegions:
 
     CONTEXT = 16
 
-    def __init__(self, regions: TiffRegions, chain: PreprocessChain):
+    def __init__(self, regions: RegionReader, chain: PreprocessChain):
         self.regions, self.chain = regions, chain
         self.width, self.height = regions.width, regions.height
 
@@ -194,23 +195,29 @@ class DatasetMapper:
         return self({"file_name": str(path), "image_id": -1, "annotations": [], "points": []})
 
     def map_regions(self, path: str | os.PathLike) -> dict | None:
-        """Inference entry for a file read by region (a TIFF, ``TiffRegions``) when the chain keeps
-        its pixel grid (every ``scale`` step is the identity at this size): a sample whose
-        ``regions`` gives preprocessed tiles on demand and whose ``image`` is None, so a whole
-        slide never sits in memory whole; None when the file must be read whole."""
-        regions = TiffRegions.open(path)
+        """Inference entry for a file read by region (a TIFF or a scanner's slide,
+        ``leukodet.data.imageio.open_regions``) when the chain keeps its pixel grid (every ``scale``
+        step is the identity at this size): a sample whose ``regions`` gives preprocessed tiles on
+        demand and whose ``image`` is None, so a whole slide never sits in memory whole; its record
+        carries the pixel size the file states (``um_per_px``). None when the file must be read
+        whole; a slide, which cannot be, raises ``ImageReadError``."""
+        regions = open_regions(path)
         if regions is None:
             return None
         size = (regions.width, regions.height)
         if any(target_size(size, **params) != size for name, _, params in self.chain.steps if name == "scale"):
             regions.close()
+            if Path(path).suffix.lower() in SLIDE_SUFFIXES:
+                raise ImageReadError(f"{path}: a slide is read by region, which a preprocessing 'scale' step that "
+                                     "resizes the whole image does not allow; use a checkpoint trained without one")
             return None
         pixel_steps = [{"name": name, **params} for name, fn, params in self.chain.steps if not fn.changes_geometry]
         return {"image": None, "regions": ChainedRegions(regions, PreprocessChain(pixel_steps)),
                 "instances": {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64), "masks": None},
                 "points": torch.zeros((0, 2)), "point_labels": torch.zeros(0, dtype=torch.int64),
                 "file_name": str(path), "image_id": -1, "orig_height": regions.height, "orig_width": regions.width,
-                "scale": (1.0, 1.0), "record": {"file_name": str(path), "image_id": -1, "annotations": []}}
+                "scale": (1.0, 1.0), "record": {"file_name": str(path), "image_id": -1, "annotations": [],
+                                                "um_per_px": regions.um_per_px}}
 
     def __call__(self, record: Mapping) -> dict:
         state, _ = self.chain.run_on_file(record["file_name"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from leukodet.data.imageio import IMAGE_SUFFIXES
+from leukodet.data.imageio import INPUT_SUFFIXES
 
 
 def discover_images(input_path: str | os.PathLike) -> tuple[Path, list[Path]]:
@@ -16,10 +16,10 @@ def discover_images(input_path: str | os.PathLike) -> tuple[Path, list[Path]]:
         return path.parent, [path]
     if not path.is_dir():
         raise FileNotFoundError(f"input {path} does not exist")
-    images = sorted((p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+    images = sorted((p for p in path.rglob("*") if p.suffix.lower() in INPUT_SUFFIXES and p.is_file()),
                     key=lambda p: p.relative_to(path).as_posix())
     if not images:
-        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}, any case) under {path}")
+        raise FileNotFoundError(f"no images ({', '.join(sorted(INPUT_SUFFIXES))}, any case) under {path}")
     return path, images
 
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from leukodet.config import Backend
 from leukodet.data.catalog import class_colors, get_dataset_dicts, register_datasets, split_name
-from leukodet.data.imageio import ImageReadError, image_size, read_image
+from leukodet.data.imageio import SLIDE_SUFFIXES, ImageReadError, image_size, read_image
 from leukodet.data.via_export import mask_polygon
 from leukodet.engine.data import make_loader
 from leukodet.engine.evaluate import load_detector, operating_point, require_bias_per_class, run_config, with_tta
@@ -44,7 +44,7 @@ from leukodet.models.onnx_runtime import load_exported
 from leukodet.preprocess.mapper import DatasetMapper
 from leukodet.report import write_inference_report
 from leukodet.structures import ImagePredictions, OperatingPoint, crop_rle, mask_box
-from leukodet.viz import draw_predictions, write_rgb
+from leukodet.viz import busiest_windows, draw_predictions, write_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,9 @@ class InferenceReader:
         try:
             identity = file_identity(path)  # before reading: a file replaced meanwhile is caught next run
             sample = self.mapper.map_regions(path) if self.by_region else None
+            if sample is None and path.suffix.lower() in SLIDE_SUFFIXES:
+                raise ImageReadError(f"{path}: a slide is only read by region, in tiles at the trained scale: "
+                                     "drop infer.tiling=false")
             if sample is None:  # read whole: the size cap keeps a huge file from exhausting memory
                 width, height = image_size(path)
                 if width * height > self.max_pixels:
@@ -91,6 +94,28 @@ def preview(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
         return image, 1.0
     size = (max(1, round(image.shape[1] * factor)), max(1, round(image.shape[0] * factor)))
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA), factor
+
+
+def write_overlay_crops(overlay: Path, sample: dict, prediction: ImagePredictions, class_names: Sequence[str],
+                        colors, count: int, side: int) -> list[Path]:
+    """Full-resolution crops beside an overlay drawn as a downscaled preview: the ``count``
+    ``side``-px windows holding the most cells (``leukodet.viz.busiest_windows``), each with the
+    cells that touch it, named ``<overlay stem>.x<X>_y<Y>.jpg`` by its top left in file pixels. The
+    pixels are read by region where the file allows it, else the file is read once more."""
+    windows = busiest_windows(prediction.boxes, sample["orig_width"], sample["orig_height"], side, count)
+    if not windows:
+        return []
+    regions = sample.get("regions")
+    whole = None if regions is not None else read_image(sample["file_name"])
+    stem = overlay.name[:-len(overlay.suffix)]
+    written = []
+    for x0, y0, x1, y1 in windows:
+        pixels = regions.regions.read(x0, y0, x1, y1) if regions is not None else whole[y0:y1, x0:x1]
+        boxes = prediction.boxes
+        touching = np.nonzero((boxes[:, 0] < x1) & (boxes[:, 2] > x0) & (boxes[:, 1] < y1) & (boxes[:, 3] > y0))[0]
+        drawn = draw_predictions(pixels, prediction.select(touching), class_names, colors, origin=(x0, y0))
+        written.append(write_rgb(overlay.with_name(f"{stem}.x{x0}_y{y0}{overlay.suffix}"), drawn))
+    return written
 
 
 def loader_settings(infer_cfg: DictConfig, on_gpu: bool) -> tuple[int, int]:
@@ -185,10 +210,14 @@ def predict_batch(adapter, samples: list[dict], point: OperatingPoint,
 
 
 def image_record(rel: str, path: Path, sample: dict, prediction: ImagePredictions, class_names: Sequence[str],
-                 seconds: float) -> dict:
+                 seconds: float, tiling: Tiling | None = None) -> dict:
+    """What one image's results keep; ``cell_diameter_px``: the input cell size it was tiled at
+    (None for whole images), which can differ per image (a file's own stated pixel size)."""
     detections = detection_rows(prediction, class_names)
+    cell_px = None if tiling is None else round(tiling.cell_px_for(sample.get("record") or {}), 2)
     return {"file": rel, **sample["file_identity"], "width": sample["orig_width"], "height": sample["orig_height"],
-            "counts": class_counts(detections, class_names), "seconds": round(seconds, 4), "detections": detections}
+            "counts": class_counts(detections, class_names), "seconds": round(seconds, 4),
+            "cell_diameter_px": cell_px, "detections": detections}
 
 
 def reusable_check(settings: RunSettings, store: RecordStore, images: Sequence[Path]) -> list[Path]:
@@ -275,16 +304,19 @@ def run_inference(cfg: DictConfig, out_dir: str | os.PathLike) -> InferenceSumma
                     store.forget(rel)
                     tqdm.write(f"{rel}: skipped, {outcome}")
                 else:
-                    record = image_record(rel, path, sample, outcome, class_names, per_image)
+                    record = image_record(rel, path, sample, outcome, class_names, per_image, tiling)
                     if infer_cfg.overlays:  # the overlay first: the record's presence means the image is done
                         drawn = draw_predictions(sample["display"], outcome, class_names, colors,
                                                  sample["display_scale"])
                         write_rgb(store.overlay_path(rel), drawn)
+                        if sample["display_scale"] < 1:
+                            write_overlay_crops(store.overlay_path(rel), sample, outcome, class_names, colors,
+                                                infer_cfg.overlay_crops, infer_cfg.overlay_crop_side)
                     store.save(record)
                     summary.processed += 1
                     tqdm.write(f"{rel}: " + ", ".join(f"{c} {n}" for c, n in record["counts"].items())
                                + f" ({per_image:.2f} s)")
-                    warning = None if tiling is None else scale_warning(outcome, tiling.cell_px_for({}))
+                    warning = None if tiling is None else scale_warning(outcome, record["cell_diameter_px"])
                     if warning:
                         tqdm.write(f"{rel}: warning: {warning}")
                 bar.update(1)

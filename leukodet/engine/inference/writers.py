@@ -45,7 +45,7 @@ class CsvWriter(AbstractContextManager):
 class CountsCsv(CsvWriter):
     """counts.csv: per image, its size, the count of each class, the total, the share class's
     share, and the operating point (class bias included), model and input cell diameter (px) that
-    produced it."""
+    produced it (the image's own, else the run's: records from before it was kept per image)."""
 
     def __init__(self, path: Path, class_names: Sequence[str], share_class: str | None, settings: dict):
         self.class_names, self.share_class, self.settings = list(class_names), share_class, settings
@@ -62,7 +62,7 @@ class CountsCsv(CsvWriter):
         share = [format_share(class_share(counts, self.share_class))] if self.share_class else []
         self.csv.writerow([record["file"], record["width"], record["height"], *counts.values(), sum(counts.values()),
                            *share, self.settings["min_confidence"], self.settings["nms"], self.class_bias,
-                           self.settings["model"], self.input_cell_px])
+                           self.settings["model"], record.get("cell_diameter_px", self.input_cell_px)])
 
 
 class DetectionsCsv(CsvWriter):
