@@ -124,6 +124,8 @@ def busiest_windows(boxes: np.ndarray, width: int, height: int, side: int, count
     crops of a big image's overlay look."""
     if count <= 0 or len(boxes) == 0:
         return []
+    if side <= 0:
+        raise ValueError(f"a crop side of {side} px: give infer.overlay_crop_side > 0")
 
     def starts(length: int) -> list[int]:
         out = list(range(0, max(length - side, 0) + 1, side))

@@ -12,8 +12,10 @@ import pytest
 import tifffile
 
 from leukodet.data.imageio import ImageReadError, SlideRegions, TiffRegions, open_regions
-from leukodet.engine.inference.run import write_overlay_crops
-from leukodet.engine.tiling import predict_tiled
+from leukodet.engine.inference.run import image_record, write_overlay_crops
+from leukodet.engine.inference.store import RecordStore
+from leukodet.engine.inference.writers import CountsCsv
+from leukodet.engine.tiling import Tiling, TrainedScale, predict_tiled
 from leukodet.preprocess.mapper import DatasetMapper
 from leukodet.viz import busiest_windows
 from test_tiling import POINT, SCALE, DiscDetector, smear
@@ -31,6 +33,7 @@ def field(width=600, height=400, n=25, seed=4) -> np.ndarray:
     ((1e4 / 0.25, 1e4 / 0.25), CM, 0.25),  # 40,000 px a centimetre
     ((25400 / 0.5, 25400 / 0.5), INCH, 0.5),
     ((72, 72), INCH, None),  # a writer's default, not a microscope's pixel
+    ((1e4 / 3.45, 1e4 / 3.45), CM, None),  # a camera's sensor pitch, no objective applied
     (None, None, None),
 ])
 def test_a_tiff_states_its_pixel_size_only_when_it_is_a_microscopes(tmp_path, resolution, unit, expected):
@@ -53,8 +56,19 @@ def test_openslide_reads_a_slide_by_region_with_its_pixel_size(tmp_path):
     assert (slide.width, slide.height) == (600, 400) and slide.um_per_px == pytest.approx(0.25)
     assert np.array_equal(slide.read(250, 100, 500, 380), image[100:380, 250:500])
     assert np.array_equal(slide.read(-10, 390, 20, 450), image[390:400, 0:20])  # clipped to the slide
+    assert np.array_equal(slide.read(5, 5, 6, 6), image[5:6, 5:6])  # one pixel (PIL's buffer is read-only)
+    thumbnail, factor = slide.preview(150)  # from the slide's own levels
+    assert thumbnail.shape == (100, 150, 3) and factor == pytest.approx(0.25)
+    assert np.abs(thumbnail.astype(float).mean(axis=(0, 1)) - image.mean(axis=(0, 1))).max() < 3
     passed = pickle.loads(pickle.dumps(slide))  # a loader worker hands it over: reopened with OpenSlide
     assert isinstance(passed, SlideRegions) and np.array_equal(passed.read(0, 0, 50, 50), image[:50, :50])
+    passed.close()
+    passed.close()  # a second close (then __del__) does nothing: OpenSlide refuses to close twice
+    renamed = tmp_path / "slide.svs"
+    renamed.write_bytes(path.read_bytes())
+    assert DatasetMapper({"steps": []}).map_regions(renamed)["regions"].regions.um_per_px == pytest.approx(0.25)
+    with pytest.raises(ImageReadError, match="slide.svs: a slide is read by region, which a preprocessing 'scale'"):
+        DatasetMapper({"steps": [{"name": "scale", "factor": 0.5}]}).map_regions(renamed)
     with pytest.raises(ImageReadError, match="OpenSlide cannot read it"):
         bad = tmp_path / "bad.svs"
         bad.write_bytes(b"not a slide")
@@ -104,6 +118,8 @@ def test_busiest_windows_are_those_holding_the_most_cells():
     assert busiest_windows(boxes, 250, 250, 100, 9) == [(0, 0, 100, 100), (100, 0, 200, 100), (150, 0, 250, 100)]
     assert busiest_windows(boxes[:0], 300, 300, 100, 4) == [] and busiest_windows(boxes, 300, 300, 100, 0) == []
     assert busiest_windows(boxes[:1] - 35, 50, 40, 100, 1) == [(0, 0, 50, 40)]  # an image smaller than a crop is one crop
+    with pytest.raises(ValueError, match="infer.overlay_crop_side > 0"):
+        busiest_windows(boxes, 300, 300, 0, 4)
 
 
 def test_overlay_crops_are_full_resolution_where_the_cells_are(tmp_path):
@@ -131,3 +147,33 @@ def test_overlay_crops_are_full_resolution_where_the_cells_are(tmp_path):
                 assert np.abs(crop[int(cy), int(cx)].astype(float) - tinted).max() < 12
         empty = np.all(image[y0:y1, x0:x1] == 230, axis=2)  # background is left as it was
         assert np.abs(crop[:256][empty].astype(float) - 230).mean() < 3
+
+
+def test_each_image_is_counted_at_the_scale_its_file_states(tmp_path):
+    trained = TrainedScale(cell_px=60, network_cell_px=40, network_px=256, source_cell_px={"d1.json": 60}, cell_um=9.0)
+    tiling = Tiling(trained)
+    rows = []
+    for name, record in (("plain.png", {}), ("stated.tif", {"um_per_px": 0.25}), ("known.png", {"source": "d1.json"})):
+        sample = {"orig_width": 100, "orig_height": 80, "file_identity": {}, "record": record}
+        rows.append(image_record(name, tmp_path / name, sample, predict_tiled(DiscDetector(), smear(100, 80, [])[0],
+                                                                                SCALE, POINT), ["cell"], 0.1, tiling))
+    assert [r["cell_diameter_px"] for r in rows] == [60, 36, 60]  # 9 um at 0.25 um/px is 36 px
+    assert tiling.stated_scale({"um_per_px": 0.25}) == ", at the file's 0.25 um/px: cells 36 px"
+    assert tiling.stated_scale({}) == "" and Tiling(trained, input_cell_px=50).stated_scale({"um_per_px": 0.25}) == ""
+    settings = {"tiling": tiling.as_dict(), "class_bias": None, "min_confidence": 0.5, "nms": 0.5, "model": "m"}
+    with CountsCsv(tmp_path / "counts.csv", ["cell"], None, settings) as counts:
+        for i, row in enumerate(rows):
+            counts.add(i, row)
+    written = [float(line.rsplit(",", 1)[1]) for line in (tmp_path / "counts.csv").read_text().splitlines()[1:]]
+    assert written == [60, 36, 60]
+
+
+def test_a_forgotten_image_loses_its_overlay_crops_too(tmp_path):
+    store = RecordStore(tmp_path / "out", tmp_path)
+    overlay = store.overlay_path("sub/a.png")
+    overlay.parent.mkdir(parents=True)
+    for name in ("a.png.jpg", "a.png.x0_y0.jpg", "a.png.x1024_y0.jpg", "a.png.xnotes.jpg", "ab.png.x0_y0.jpg"):
+        (overlay.parent / name).write_bytes(b"x")
+    assert [p.name for p in store.overlay_crops("sub/a.png")] == ["a.png.x0_y0.jpg", "a.png.x1024_y0.jpg"]
+    store.forget("sub/a.png")
+    assert sorted(p.name for p in overlay.parent.iterdir()) == ["a.png.xnotes.jpg", "ab.png.x0_y0.jpg"]

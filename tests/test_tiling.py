@@ -301,7 +301,7 @@ def test_training_at_a_cell_size_the_model_cannot_take_is_refused(overrides, mes
 
 def test_a_pixel_size_brings_another_microscopes_cells_to_the_trained_scale():
     def cells(diameter, source, um_per_px):
-        disc = {"bbox": [0, 0, diameter, diameter], "area": np.pi * (diameter / 2) ** 2, "segmentation": [[0, 0, 1, 1, 2, 0]]}
+        disc = {"bbox": [0, 0, diameter, diameter]}
         return [{"width": 300, "height": 300, "source": source, "um_per_px": um_per_px, "annotations": [disc]}]
 
     # 8 um cells: 80 px at 0.1 um/px in one acquisition, 40 px at 0.2 in the other
@@ -321,3 +321,6 @@ def test_a_pixel_size_brings_another_microscopes_cells_to_the_trained_scale():
         Tiling(scale, input_cell_px=70, input_um_per_px=0.25)
     with pytest.raises(ValueError, match="infer: um_per_px=300 is outside"):
         run_tiling({"infer": {"tiling": True, "um_per_px": 300}}, scale.as_dict())
+    given = run_tiling({"infer": {"tiling": True, "um_per_px": 0.25}}, scale.as_dict())  # as tools/infer.py sets it
+    sample = {"scale": (1.0, 1.0), "record": {"source": "d1.json"}}
+    assert given.for_sample(sample).grid().tile == round(scale.network_px * 32 / scale.network_cell_px)

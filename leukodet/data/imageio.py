@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from leukodet.data.scale import PLAUSIBLE_UM_PER_PX
+from leukodet.data.scale import FILE_STATED_UM_PER_PX
 
 # libjpeg scales the DCT while decoding: a 1/4 decode costs about a third of a full one.
 REDUCED_FLAGS = {factor: flag | cv2.IMREAD_IGNORE_ORIENTATION for factor, flag in
@@ -35,7 +35,9 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 # What previews pick up, in any letter case: files read whole.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
 # Whole-slide scanner formats OpenSlide reads (the optional ``slides`` extra); read by region only.
-SLIDE_SUFFIXES = frozenset({".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".svslide", ".bif"})
+# (not Hamamatsu's .vms/.vmu: their pixels lie in JPEG files beside them, which inference would take
+# for images of their own)
+SLIDE_SUFFIXES = frozenset({".svs", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif"})
 # What folder inference picks up.
 INPUT_SUFFIXES = IMAGE_SUFFIXES | SLIDE_SUFFIXES
 
@@ -120,9 +122,10 @@ TIFF_UNIT_UM = {2: 25400.0, 3: 10000.0}  # TIFF ResolutionUnit inch / centimetre
 
 
 def plausible_um_per_px(value: float | None) -> float | None:
-    """A file's stated pixel size when it is one a microscope image can have, else None (a TIFF
-    writer's 72 dpi default is not a measurement)."""
-    low, high = PLAUSIBLE_UM_PER_PX
+    """A file's stated pixel size when it is one a microscope image of blood cells can have
+    (``FILE_STATED_UM_PER_PX``), else None: a TIFF writer's 72 dpi default, or a camera's sensor
+    pitch, is not the image's pixel size."""
+    low, high = FILE_STATED_UM_PER_PX
     return float(value) if value and low <= float(value) <= high else None
 
 
@@ -229,7 +232,7 @@ class TiffRegions(RegionReader):
         return np.ascontiguousarray(region[..., :3])
 
     def close(self) -> None:
-        store = self.__dict__.get("_store")
+        store = self.__dict__.pop("_store", None)  # forgotten, so a second close does nothing
         if store is not None:
             store.close()
 
@@ -265,12 +268,20 @@ class SlideRegions(RegionReader):
 
     def _read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         rgba = np.asarray(self._slide.read_region((x0, y0), 0, (max(x1 - x0, 0), max(y1 - y0, 0))))
-        rgb = np.ascontiguousarray(rgba[..., :3])
+        rgb = np.array(rgba[..., :3])  # a copy: PIL's buffer is read-only
         rgb[rgba[..., 3] == 0] = self._background
         return rgb
 
+    def preview(self, max_side: int, band: int = 512) -> tuple[np.ndarray, float]:
+        """OpenSlide's thumbnail, made from the slide's own downsampled levels (and composited on
+        its background colour), instead of bands of a 100,000-px wide level 0."""
+        factor = min(1.0, max_side / max(self.width, self.height))
+        size = (max(1, round(self.width * factor)), max(1, round(self.height * factor)))
+        thumbnail = np.array(self._slide.get_thumbnail(size).convert("RGB"))
+        return thumbnail, thumbnail.shape[1] / self.width
+
     def close(self) -> None:
-        slide = self.__dict__.get("_slide")
+        slide = self.__dict__.pop("_slide", None)  # forgotten: OpenSlide refuses a second close
         if slide is not None:
             slide.close()
 

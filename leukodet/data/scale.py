@@ -18,6 +18,9 @@ import numpy as np
 # to a x5 overview, ~2 um/px). A file stating a size outside it carries a placeholder, not a
 # measurement: TIFF writers put 72 dpi (353 um/px) in by default.
 PLAUSIBLE_UM_PER_PX = (0.02, 5.0)
+# What a file's own metadata may state: up to a x10 objective's ~1 um/px. Larger values in a camera
+# frame's tags are often the sensor's pixel pitch (1.4-6.5 um) with no objective applied.
+FILE_STATED_UM_PER_PX = (0.02, 1.0)
 
 
 def cell_diameter(annotation: Mapping) -> float:

@@ -66,8 +66,8 @@ class InferenceReader:
             identity = file_identity(path)  # before reading: a file replaced meanwhile is caught next run
             sample = self.mapper.map_regions(path) if self.by_region else None
             if sample is None and path.suffix.lower() in SLIDE_SUFFIXES:
-                raise ImageReadError(f"{path}: a slide is only read by region, in tiles at the trained scale: "
-                                     "drop infer.tiling=false")
+                raise ImageReadError(f"{path}: a slide is only read by region, in tiles at the trained scale, which "
+                                     "needs infer.tiling=true and a checkpoint that records its trained scale")
             if sample is None:  # read whole: the size cap keeps a huge file from exhausting memory
                 width, height = image_size(path)
                 if width * height > self.max_pixels:
@@ -309,13 +309,19 @@ def run_inference(cfg: DictConfig, out_dir: str | os.PathLike) -> InferenceSumma
                         drawn = draw_predictions(sample["display"], outcome, class_names, colors,
                                                  sample["display_scale"])
                         write_rgb(store.overlay_path(rel), drawn)
+                        for stale in store.overlay_crops(rel):  # an earlier result's, or another crop size's
+                            stale.unlink()
                         if sample["display_scale"] < 1:
-                            write_overlay_crops(store.overlay_path(rel), sample, outcome, class_names, colors,
-                                                infer_cfg.overlay_crops, infer_cfg.overlay_crop_side)
+                            try:
+                                write_overlay_crops(store.overlay_path(rel), sample, outcome, class_names, colors,
+                                                    infer_cfg.overlay_crops, infer_cfg.overlay_crop_side)
+                            except (OSError, ValueError) as err:  # the counts stand; only the crops are lost
+                                tqdm.write(f"{rel}: warning: no full-resolution overlay crops ({err})")
                     store.save(record)
                     summary.processed += 1
+                    stated = "" if tiling is None else tiling.stated_scale(sample.get("record") or {})
                     tqdm.write(f"{rel}: " + ", ".join(f"{c} {n}" for c, n in record["counts"].items())
-                               + f" ({per_image:.2f} s)")
+                               + f" ({per_image:.2f} s{stated})")
                     warning = None if tiling is None else scale_warning(outcome, record["cell_diameter_px"])
                     if warning:
                         tqdm.write(f"{rel}: warning: {warning}")

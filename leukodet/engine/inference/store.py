@@ -6,8 +6,10 @@ else its content hash) are the same; results made otherwise are never mixed with
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -97,6 +99,15 @@ class RecordStore:
         pass for the new file)."""
         self.record_path(rel).unlink(missing_ok=True)
         self.overlay_path(rel).unlink(missing_ok=True)
+        for crop in self.overlay_crops(rel):
+            crop.unlink()
+
+    def overlay_crops(self, rel: str) -> list[Path]:
+        """The full-resolution crops written beside an image's overlay preview (``<overlay stem>.x<X>_y<Y><suffix>``)."""
+        overlay = self.overlay_path(rel)
+        pattern = re.compile(re.escape(overlay.stem) + r"\.x\d+_y\d+" + re.escape(overlay.suffix))
+        return sorted(p for p in overlay.parent.glob(f"{glob.escape(overlay.stem)}.x*_y*{overlay.suffix}")
+                      if pattern.fullmatch(p.name)) if overlay.parent.is_dir() else []
 
     def done_records(self, images: Sequence[Path]) -> Iterator[dict]:
         """The records of ``images`` that are done, in input order, one at a time."""
