@@ -264,6 +264,9 @@ def describe_tiling(tiling: dict | None) -> str:
     """A run's tiling settings (``Tiling.as_dict``, as run.json stores them) in words."""
     if not tiling:
         return "whole images squeezed to the model's input size (infer.tiling=false)"
-    return (f"tiled at the trained scale: input cells {tiling['input_cell_px']:.1f} px, trained cells "
-            f"{tiling['cell_px']:.1f} px ({tiling['network_cell_px']:.1f} px in the network's "
-            f"{tiling['network_px']}-px input), overlap {tiling['overlap_cells']:g} cell diameters")
+    given = f" (at {tiling['input_um_per_px']:g} um/px)" if tiling.get("input_um_per_px") else ""
+    microns = f", {tiling['cell_um']:g} um" if tiling.get("cell_um") else ""
+    return (f"tiled at the trained scale: input cells {tiling['input_cell_px']:.1f} px{given}, trained cells "
+            f"{tiling['cell_px']:.1f} px{microns} ({tiling['network_cell_px']:.1f} px in the network's "
+            f"{tiling['network_px']}-px input), overlap {tiling['overlap_cells']:g} cell diameters; each image's "
+            "in counts.csv (cell_diameter_px)")

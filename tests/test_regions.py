@@ -160,6 +160,10 @@ def test_each_image_is_counted_at_the_scale_its_file_states(tmp_path):
     assert [r["cell_diameter_px"] for r in rows] == [60, 36, 60]  # 9 um at 0.25 um/px is 36 px
     assert tiling.stated_scale({"um_per_px": 0.25}) == ", at the file's 0.25 um/px: cells 36 px"
     assert tiling.stated_scale({}) == "" and Tiling(trained, input_cell_px=50).stated_scale({"um_per_px": 0.25}) == ""
+    from leukodet.structures import describe_tiling  # the report's "scale" line
+
+    assert "input cells 60.0 px, trained cells 60.0 px, 9 um (40.0 px" in describe_tiling(tiling.as_dict())
+    assert "input cells 36.0 px (at 0.25 um/px)" in describe_tiling(Tiling(trained, input_um_per_px=0.25).as_dict())
     settings = {"tiling": tiling.as_dict(), "class_bias": None, "min_confidence": 0.5, "nms": 0.5, "model": "m"}
     with CountsCsv(tmp_path / "counts.csv", ["cell"], None, settings) as counts:
         for i, row in enumerate(rows):
