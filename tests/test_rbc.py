@@ -51,6 +51,19 @@ def test_size_rule_in_square_micrometres_with_a_pixel_size():
     assert [in_pixels.label(square(5, 5, s), 100, 100) for s in (10, 12, 16)] == ["small", "normal", "large"]
 
 
+def test_a_rule_in_square_micrometres_takes_the_sources_pixel_size():
+    rule = SizeRule(by="area_um2", small_below=28.3, large_above=63.6, edge=None)
+    cells = [square(5, 5, s) for s in (10, 12, 16)]  # at 0.5 um/px: 25, 36, 64 um2
+    sized = assign_size_classes([ImageRecord("a.jpg", cells, 100, 100, um_per_px=0.5)], rule)
+    assert [r.label for r in sized[0].regions] == ["small", "normal", "large"]
+    with pytest.raises(ValueError, match="b.jpg: prepare.size_classes.by=area_um2 needs the pixel size"):
+        assign_size_classes([ImageRecord("b.jpg", cells, 100, 100)], rule)
+    stated = SizeRule(by="area_um2", um_per_px=0.5, small_below=28.3, large_above=63.6, edge=None)
+    assert assign_size_classes([ImageRecord("a.jpg", cells, 100, 100, um_per_px=0.5)], stated) == sized
+    with pytest.raises(ValueError, match="c.jpg: prepare.size_classes.um_per_px=0.5 but its source states um_per_px=0.4"):
+        assign_size_classes([ImageRecord("c.jpg", cells, 100, 100, um_per_px=0.4)], stated)
+
+
 def test_cells_cut_by_the_border_are_undefined_unless_measured():
     rule = SizeRule(small_below=100, large_above=400)
     assert rule.classes == ["large", "normal", "small", "undefined"]
@@ -61,7 +74,7 @@ def test_cells_cut_by_the_border_are_undefined_unless_measured():
 
 
 @pytest.mark.parametrize("node, message", [
-    ({"by": "area_um2", "small_below": 1, "large_above": 2}, "needs prepare.size_classes.um_per_px"),
+    ({"by": "area_um2", "um_per_px": -0.1, "small_below": 1, "large_above": 2}, "must be > 0"),
     ({"by": "area_px", "um_per_px": 0.1, "small_below": 1, "large_above": 2}, "by=area_px ignores it"),
     ({"by": "diameter", "small_below": 1, "large_above": 2}, "choose one of area_px, area_um2"),
     ({"small_below": 5, "large_above": 2}, "small_below .5. <= large_above"),
