@@ -36,6 +36,9 @@ ADAPTATIONS = {  # name: tools/adapt.py overrides (none: the checkpoint as train
     "self_training": ["adapt.stain=none", "adapt.batchnorm=false", "adapt.self_training.steps=400"],
     "reinhard+self_training": ["adapt.stain=reinhard", "adapt.batchnorm=false", "adapt.self_training.steps=400"],
 }
+# each again with the operating point re-chosen on the run's val split after adapting
+ADAPTATIONS.update({f"{name}+val_point": [*overrides, "adapt.choose_point=true"]
+                    for name, overrides in list(ADAPTATIONS.items()) if overrides is not None})
 FIGURES = ["f1", "ap50_segm", "detection_f1", "share_mae"]
 
 

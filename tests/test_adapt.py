@@ -143,11 +143,16 @@ def test_adapted_run_is_a_run_evaluate_and_infer_take(trained_run, tmp_path):  #
         image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
         cv2.imwrite(str(new_scanner / path.name), cv2.cvtColor(other_scanner(image), cv2.COLOR_RGB2BGR))
     adapted = adapt_run(compose(f"ckpt={checkpoint}", f"input={new_scanner}", "adapt.stain=reinhard",
-                                "adapt.batchnorm=true", "adapt.images=3", config_name="adapt"), tmp_path / "adapted")
+                                "adapt.batchnorm=true", "adapt.images=3", "adapt.choose_point=true", config_name="adapt"),
+                        tmp_path / "adapted")
 
     assert adapted == tmp_path / "adapted" / "checkpoints" / "last.ckpt"
     config = OmegaConf.load(tmp_path / "adapted" / "config.yaml")
     assert config.adapted.stain == "reinhard" and config.adapted.batchnorm_images == 3
+    # AdaBN moved the scores: the point is chosen again on the run's val split, as the adapted model sees it
+    chosen = json.loads((adapted.parent / "thresholds.json").read_text())
+    assert chosen["split"] == "val" and (tmp_path / "adapted" / "sweep_val.csv").is_file()
+    assert config.adapted.point.startswith(f"chosen again on val after adapting: min confidence {chosen['min_confidence']}")
     assert Path(config.adapted["from"]) == checkpoint.resolve()
     steps = [s.name for s in config.preprocess.steps]
     trained_steps = [s.name for s in OmegaConf.load(trained_run / "run" / "config.yaml").preprocess.steps]
@@ -178,6 +183,7 @@ def test_the_default_adaptation_needs_no_new_image_and_keeps_the_weights(trained
     adapted = adapt_run(compose(f"ckpt={checkpoint}", config_name="adapt"), tmp_path / "adapted")
     config = OmegaConf.load(tmp_path / "adapted" / "config.yaml")
     assert config.adapted.stain == "reinhard" and config.adapted.batchnorm_images == 0 and config.adapted.input is None
+    assert config.adapted.point == "the trained run's"
     assert "stain_normalize" in [s.name for s in config.preprocess.steps]
     state, original = read_checkpoint(adapted), read_checkpoint(checkpoint)
     assert all(torch.equal(state["state_dict"][k], v) for k, v in original["state_dict"].items())

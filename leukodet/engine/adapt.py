@@ -31,7 +31,8 @@ from leukodet.data.imageio import image_size, read_image
 from leukodet.data.pipeline import ensure_prepared
 from leukodet.data.records import POLYGON, ImageRecord, Region
 from leukodet.data.via_export import mask_polygon
-from leukodet.engine.evaluate import load_detector, operating_point, predict_split, read_checkpoint, run_config
+from leukodet.engine.evaluate import (choose_on_val, load_detector, operating_point, predict_split, read_checkpoint,
+                                      run_config)
 from leukodet.engine.inference.discovery import discover_images
 from leukodet.engine.module import DetectionModule
 from leukodet.engine.train import fit
@@ -159,7 +160,16 @@ def adapt_run(cfg: DictConfig, out_dir: str | Path) -> Path:
     trained.adapted = {"from": str(checkpoint.resolve()),
                        "input": str(Path(cfg.input).resolve()) if used or tuning_steps else None,
                        "stain": settings.stain, "batchnorm_images": used, "self_training_steps": tuning_steps,
-                       "pseudo_labelled_images": len(images) if tuning_steps else 0, "pseudo_labelled_cells": cells}
+                       "pseudo_labelled_images": len(images) if tuning_steps else 0, "pseudo_labelled_cells": cells,
+                       "point": "the trained run's"}
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(trained, resolve=True))
+    if settings.choose_point:
+        # self-training and AdaBN move the scores, so the trained run's point may no longer fit: choose
+        # it again on the run's val split as the adapted model sees it (the training acquisition's
+        # labels; not one of the new images' is read)
+        adapted_cfg = run_config(OmegaConf.merge(cfg, {"ckpt": str(adapted)}))
+        point, _ = choose_on_val(adapted_cfg, load_detector(adapted), adapted, out_dir)
+        trained.adapted.point = f"chosen again on val after adapting: {point.describe()}"
+        atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(trained, resolve=True))
     logger.info("adapted checkpoint: %s", adapted)
     return adapted
