@@ -194,9 +194,9 @@ class TiffRegions(RegionReader):
     cannot read so, and the caller reads them whole. The pixel size comes from the resolution tags
     when their unit is inch or centimetre."""
 
-    def __init__(self, path: Path, store, array, um_per_px: float | None = None):
+    def __init__(self, path: Path, tiff, store, array, um_per_px: float | None = None):
         super().__init__(path)
-        self._store, self._array = store, array
+        self._tiff, self._store, self._array = tiff, store, array
         self.height, self.width = int(array.shape[0]), int(array.shape[1])
         self.um_per_px = um_per_px
 
@@ -208,20 +208,24 @@ class TiffRegions(RegionReader):
         import tifffile
         import zarr
 
-        try:
-            with tifffile.TiffFile(path) as tiff:
-                page = tiff.pages[0]
-                unit = TIFF_UNIT_UM.get(int(page.resolutionunit))
-                um_per_px = plausible_um_per_px(unit / page.resolution[0] if unit and page.resolution[0] else None)
-            store = tifffile.imread(path, aszarr=True, level=0)
+        tiff = None
+        try:  # one open file: its tags give the pixel size, its Zarr view the regions
+            tiff = tifffile.TiffFile(path)
+            page = tiff.pages[0]
+            unit = TIFF_UNIT_UM.get(int(page.resolutionunit))
+            um_per_px = plausible_um_per_px(unit / page.resolution[0] if unit and page.resolution[0] else None)
+            store = tiff.aszarr(level=0)
             array = zarr.open(store, mode="r")
         except Exception:  # noqa: BLE001 - not readable by region: the whole-file reader reports what is wrong
+            if tiff is not None:
+                tiff.close()
             return None
+        reader = cls(path, tiff, store, array, um_per_px)
         plain = array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))
         if not plain or array.dtype not in (np.uint8, np.uint16):  # planar, multi-channel or float
-            store.close()
+            reader.close()
             return None
-        return cls(path, store, array, um_per_px)
+        return reader
 
     def _read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         region = np.asarray(self._array[y0:y1, x0:x1])
@@ -232,9 +236,9 @@ class TiffRegions(RegionReader):
         return np.ascontiguousarray(region[..., :3])
 
     def close(self) -> None:
-        store = self.__dict__.pop("_store", None)  # forgotten, so a second close does nothing
-        if store is not None:
-            store.close()
+        for handle in (self.__dict__.pop("_store", None), self.__dict__.pop("_tiff", None)):  # forgotten, so a
+            if handle is not None:  # second close does nothing
+                handle.close()
 
 
 class SlideRegions(RegionReader):

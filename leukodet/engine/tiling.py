@@ -341,29 +341,28 @@ class Tiling:
 
     def cell_px_for(self, record: dict) -> float:
         """The input cell diameter (file pixels) of an image from this record."""
+        return self._scale_for(record)[0]
+
+    def _scale_for(self, record: dict) -> tuple[float, bool]:
+        """(input cell diameter in file pixels, whether the file's stated pixel size set it), by
+        precedence: a given diameter, a given pixel size, the record's known source, the file's
+        stated pixel size, the training cells' median."""
         if self.input_cell_px is not None:
-            return self.input_cell_px
+            return self.input_cell_px, False
         if self.input_um_per_px is not None:
-            return self.trained.cell_um / self.input_um_per_px
+            return self.trained.cell_um / self.input_um_per_px, False
         known = (self.trained.source_cell_px or {}).get(record.get("source", ""))
         if known is not None:
-            return known
-        if self.uses_stated_scale(record):
-            return self.trained.cell_um / record["um_per_px"]
-        return self.trained.cell_px
-
-    def uses_stated_scale(self, record: dict) -> bool:
-        """Whether this record's image is taken at the pixel size its file states."""
-        return (self.input_cell_px is None and self.input_um_per_px is None and self.trained.cell_um is not None
-                and bool(record.get("um_per_px"))
-                and record.get("source", "") not in (self.trained.source_cell_px or {}))
+            return known, False
+        if record.get("um_per_px") and self.trained.cell_um is not None:
+            return self.trained.cell_um / record["um_per_px"], True
+        return self.trained.cell_px, False
 
     def stated_scale(self, record: dict) -> str:
         """``", at the file's 0.25 um/px: cells 32 px"`` when the file's stated pixel size set the
         image's scale (for its progress line), else ``""``."""
-        if not self.uses_stated_scale(record):
-            return ""
-        return f", at the file's {record['um_per_px']:g} um/px: cells {self.cell_px_for(record):.0f} px"
+        cell_px, from_file = self._scale_for(record)
+        return f", at the file's {record['um_per_px']:g} um/px: cells {cell_px:.0f} px" if from_file else ""
 
     def for_sample(self, sample: dict) -> TileScale:
         return TileScale(self.cell_px_for(sample.get("record") or {}) * sample["scale"][0],

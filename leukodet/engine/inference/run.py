@@ -108,10 +108,9 @@ def write_overlay_crops(overlay: Path, sample: dict, prediction: ImagePrediction
     regions = sample.get("regions")
     whole = None if regions is not None else read_image(sample["file_name"])
     stem = overlay.name[:-len(overlay.suffix)]
-    written = []
+    boxes, written = prediction.boxes, []
     for x0, y0, x1, y1 in windows:
         pixels = regions.regions.read(x0, y0, x1, y1) if regions is not None else whole[y0:y1, x0:x1]
-        boxes = prediction.boxes
         touching = np.nonzero((boxes[:, 0] < x1) & (boxes[:, 2] > x0) & (boxes[:, 1] < y1) & (boxes[:, 3] > y0))[0]
         drawn = draw_predictions(pixels, prediction.select(touching), class_names, colors, origin=(x0, y0))
         written.append(write_rgb(overlay.with_name(f"{stem}.x{x0}_y{y0}{overlay.suffix}"), drawn))
