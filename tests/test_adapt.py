@@ -244,6 +244,78 @@ def test_self_training_fine_tunes_on_the_new_images_labelled_by_the_model(traine
                if "running_" not in k)  # fine-tuned: weights moved
 
 
+class ShiftingAdapter(torch.nn.Module):
+    """Finds one cell, its box shifted by its own weight: what a teacher labels shows whose weights it has."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(2))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def predict(self, batch, point):
+        from leukodet.structures import Detections
+
+        assert point.min_confidence == 0.9 and not any(point.class_bias)
+        return [Detections(torch.tensor([[1.0, 2.0, 5.0, 6.0]]) + self.weight[0].detach(), torch.tensor([0.95]),
+                           torch.tensor([1]), torch.ones((1, 8, 8), dtype=torch.bool)) for _ in batch]
+
+
+def test_a_mean_teacher_labels_only_the_new_images_and_follows_the_model_slowly():
+    from types import SimpleNamespace
+
+    from leukodet.engine.adapt import TARGET_SOURCE, MeanTeacher
+
+    module = SimpleNamespace(adapter=ShiftingAdapter())
+    teacher = MeanTeacher(OperatingPoint(0.9, 0.5, 100), decay=0.9)
+    teacher.on_train_start(None, module)
+
+    def batch():
+        none = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64), "masks": None}
+        return [{"record": {"source": "dataset1"}, "image": torch.zeros(3, 8, 8), "instances": none},
+                {"record": {"source": TARGET_SOURCE}, "image": torch.zeros(3, 8, 8), "instances": dict(none)}]
+
+    first = batch()
+    own = first[0]["instances"]
+    teacher.on_train_batch_start(None, module, first, 0)
+    assert first[0]["instances"] is own  # a labelled image keeps its labels
+    labels = first[1]["instances"]
+    assert labels["boxes"].tolist() == [[1, 2, 5, 6]] and labels["labels"].tolist() == [1]
+    assert labels["masks"].dtype == torch.uint8 and labels["masks"].shape == (1, 8, 8)
+    assert (teacher.cells, teacher.images) == (1, 1)
+
+    with torch.no_grad():  # the model moves a whole unit in one step; the teacher a tenth of it
+        module.adapter.weight.fill_(1.0)
+        module.adapter.steps.fill_(1)
+    teacher.on_train_batch_end(None, module, None, first, 0)
+    assert torch.allclose(teacher.teacher.weight, torch.full((2,), 0.1)) and int(teacher.teacher.steps) == 1
+    second = batch()
+    teacher.on_train_batch_start(None, module, second, 1)
+    assert second[1]["instances"]["boxes"][0, 0].item() == pytest.approx(1.1)  # the teacher's weights label
+    teacher.on_train_end(None, module)
+    assert torch.allclose(module.adapter.weight, torch.full((2,), 0.1))  # training leaves the teacher's weights
+    with pytest.raises(ValueError, match="ema_decay=1.0"):
+        MeanTeacher(OperatingPoint(0.9, 0.5, 100), decay=1.0)
+
+
+def test_mean_teacher_self_training_runs_from_the_tool(trained_run, tmp_path):  # noqa: F811
+    from leukodet.engine.adapt import adapt_run
+    from leukodet.engine.evaluate import read_checkpoint
+
+    checkpoint = trained_run / "run" / "checkpoints" / "last.ckpt"
+    cfg = compose(f"ckpt={checkpoint}", f"input={trained_run / 'data' / 'images'}", "adapt.stain=none",
+                  "adapt.self_training.steps=4", "adapt.self_training.mean_teacher=true",
+                  "adapt.self_training.min_confidence=0", "adapt.images=3", "eval.min_confidence=0.05",
+                  config_name="adapt")
+    adapted = adapt_run(cfg, tmp_path / "adapted")
+
+    config = OmegaConf.load(tmp_path / "adapted" / "config.yaml")
+    assert config.adapted.self_training == "mean teacher" and config.adapted.pseudo_labelled_cells > 0
+    assert not (tmp_path / "adapted" / "self_training" / "pseudo_labels.json").exists()  # labelled as it trains
+    state, original = read_checkpoint(adapted), read_checkpoint(checkpoint)
+    assert any(not torch.equal(state["state_dict"][k], v) for k, v in original["state_dict"].items()
+               if "running_" not in k)  # the teacher followed the tuned model
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["adapt.stain=none", "adapt.batchnorm=false"], "nothing to adapt"),
     (["adapt.stain=grey"], "adapt.stain=grey: use none, reinhard, macenko"),

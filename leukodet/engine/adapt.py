@@ -5,7 +5,8 @@ a new scanner): a stain normalization step mapping every image's colours onto th
 (``preprocess.steps.stain_normalize``, its reference fitted here on the run's train split), AdaBN
 (``models.adapt.adapt_batchnorm``: the backbone's BatchNorm statistics re-estimated on the new
 images), and pseudo-label self-training (``self_train``: the model's confident detections on the new
-images become their labels, and it is fine-tuned on them with its own train split). The result is a
+images become their labels, and it is fine-tuned on them with its own train split; offline, one
+round, or online with a mean teacher, ``MeanTeacher``). The result is a
 run directory like a trained one: ``config.yaml`` (the run's, with the stain step in its
 preprocessing and an ``adapted`` block saying what was done) and ``checkpoints/<name>.ckpt`` (the
 adapted weights) beside a copy of ``thresholds.json``, so evaluate, count_table, infer and export
@@ -14,11 +15,13 @@ take it as they take any checkpoint.
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -45,6 +48,7 @@ from leukodet.structures import OperatingPoint
 logger = logging.getLogger(__name__)
 
 STAIN_STEP = "stain_normalize"
+TARGET_SOURCE = "unlabelled target"  # the source of the new images a mean teacher labels as training goes
 TRAINING_ONLY = ("optimizer_states", "lr_schedulers", "loops", "callbacks")  # an adapted checkpoint does not resume
 
 
@@ -86,27 +90,85 @@ def pseudo_labels(run_cfg: DictConfig, module: DetectionModule, images: list[Pat
     return load_dataset_dicts(path)[0]
 
 
+class MeanTeacher(L.Callback):
+    """Online pseudo-label self-training (mean teacher, Tarvainen & Valpola 2017, as Unbiased Teacher
+    uses it for detection): a teacher, the moving average of the model's weights (``decay`` a
+    step), labels each new image of a batch with its detections at ``point`` as the model is about
+    to see it (after augmentation, so labels and pixels agree); the model learns from them beside
+    its own train split, and the teacher follows it. Training ends with the teacher's weights in the
+    model: they move slowly, so they are the steadier of the two. ``cells`` / ``images``: the
+    labels it gave, over the new images it was shown."""
+
+    def __init__(self, point: OperatingPoint, decay: float):
+        if not 0 < decay < 1:
+            raise ValueError(f"adapt.self_training.ema_decay={decay}: give a value between 0 and 1 (e.g. 0.99)")
+        self.point, self.decay = point, decay
+        self.teacher = None
+        self.cells = self.images = 0
+
+    def on_train_start(self, trainer, module) -> None:
+        self.teacher = copy.deepcopy(module.adapter).eval().requires_grad_(False)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        new = [sample for sample in batch if sample["record"].get("source") == TARGET_SOURCE]
+        if not new:
+            return
+        for sample, found in zip(new, self.teacher.predict(new, self.point)):
+            sample["instances"] = {"boxes": found.boxes, "labels": found.labels,
+                                   "masks": None if found.masks is None else found.masks.to(torch.uint8)}
+            self.cells += len(found)
+        self.images += len(new)
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        student = module.adapter.state_dict()
+        for name, value in self.teacher.state_dict().items():  # the state dict's tensors are the teacher's own
+            if value.is_floating_point():
+                value.lerp_(student[name], 1 - self.decay)
+            else:
+                value.copy_(student[name])
+
+    def on_train_end(self, trainer, module) -> None:
+        module.adapter.load_state_dict(self.teacher.state_dict())
+
+
 def self_train(run_cfg: DictConfig, trained: DictConfig, module: DetectionModule, images: list[Path],
                settings: DictConfig, out_dir: Path) -> tuple[DetectionModule, int]:
-    """Pseudo-label self-training, one offline round (Lee 2013; mean teacher is its online form):
-    the new images labelled by the model's own detections at its operating point with min
-    confidence raised to ``settings.min_confidence``, then the model fine-tuned from its weights on
-    its train split plus them (``train.lr`` x ``settings.lr_factor``, ``settings.steps`` steps; the
-    run in ``out_dir``). Returns the fine-tuned model (its last checkpoint) and the number of
-    pseudo-labelled cells."""
+    """Pseudo-label self-training: the model fine-tuned from its weights on its train split plus the
+    new images (``train.lr`` x ``settings.lr_factor``, ``settings.steps`` steps; the run in
+    ``out_dir``), the new images labelled by its own detections at its operating point with min
+    confidence raised to ``settings.min_confidence``. Offline (Lee 2013), the default: labelled once,
+    before, by the model as trained (``pseudo_labels``). ``settings.mean_teacher``: labelled at
+    every step by a moving average of the model being tuned (``MeanTeacher``, ``settings.ema_decay``).
+    Returns the fine-tuned model (its last checkpoint) and the number of pseudo-labelled cells."""
     point = operating_point(run_cfg)
     point = replace(point, min_confidence=max(point.min_confidence, float(settings.min_confidence)),
                     source="pseudo-labels")
-    labelled = pseudo_labels(run_cfg, module, images, point, out_dir / "pseudo_labels.json")
-    cells = sum(len(record["annotations"]) for record in labelled)
-    logger.info("pseudo-labels: %d cells on %d images (%s); fine-tuning %d steps", cells, len(labelled),
-                point.describe(), settings.steps)
+    teacher = None
+    if settings.get("mean_teacher"):
+        # the teacher cuts its raw scores: a class bias moves counts at the point, not what is a cell
+        teacher = MeanTeacher(OperatingPoint(point.min_confidence, point.nms, point.max_detections, "mean teacher"),
+                              float(settings.ema_decay))
+        labelled = [{"file_name": str(image), "image_id": -1 - i, "width": size[0], "height": size[1],
+                     "annotations": [], "source": TARGET_SOURCE}
+                    for i, (image, size) in enumerate((image, image_size(image)) for image in images)]
+        logger.info("mean teacher on %d new images (%s, weights averaged at %g a step); fine-tuning %d steps",
+                    len(labelled), teacher.point.describe(), teacher.decay, settings.steps)
+    else:
+        labelled = pseudo_labels(run_cfg, module, images, point, out_dir / "pseudo_labels.json")
+        logger.info("pseudo-labels: %d cells on %d images (%s); fine-tuning %d steps",
+                    sum(len(record["annotations"]) for record in labelled), len(labelled), point.describe(),
+                    settings.steps)
     tuning = OmegaConf.create(OmegaConf.to_container(trained, resolve=True))
     tuning.train.max_steps = tuning.train.steps_per_epoch = int(settings.steps)
     tuning.train.warmup_steps = min(int(tuning.train.warmup_steps), int(settings.steps) // 10)
     tuning.train.lr = float(tuning.train.lr) * float(settings.lr_factor)
     tuning.train.run_dir = str(out_dir)
-    result = fit(tuning, out_dir, extra_train=labelled, init_weights=module.state_dict())
+    result = fit(tuning, out_dir, extra_train=labelled, init_weights=module.state_dict(),
+                 callbacks=[teacher] if teacher else [])
+    if teacher:
+        logger.info("mean teacher: %d cells labelled over %d new images shown", teacher.cells, teacher.images)
+    cells = teacher.cells if teacher else sum(len(record["annotations"]) for record in labelled)
     return load_detector(result.last_checkpoint), cells
 
 
@@ -160,6 +222,8 @@ def adapt_run(cfg: DictConfig, out_dir: str | Path) -> Path:
     trained.adapted = {"from": str(checkpoint.resolve()),
                        "input": str(Path(cfg.input).resolve()) if used or tuning_steps else None,
                        "stain": settings.stain, "batchnorm_images": used, "self_training_steps": tuning_steps,
+                       "self_training": ("mean teacher" if settings.self_training.get("mean_teacher") else "offline")
+                       if tuning_steps else None,
                        "pseudo_labelled_images": len(images) if tuning_steps else 0, "pseudo_labelled_cells": cells,
                        "point": "the trained run's"}
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(trained, resolve=True))

@@ -197,10 +197,11 @@ def precision_for(setting: str) -> str:
 
 
 def fit(cfg: DictConfig, run_dir: str | Path, extra_train: Sequence[dict] = (),
-        init_weights: dict | None = None) -> TrainResult:
+        init_weights: dict | None = None, callbacks: Sequence[L.Callback] = ()) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data``'s train split (and ``extra_train``, more dataset dicts),
     validating on val; resume if a ``last.ckpt`` is in ``run_dir``, else start from ``init_weights``
-    (a state dict) when given. Returns the checkpoints written."""
+    (a state dict) when given; ``callbacks``: more Lightning callbacks (adaptation's mean teacher).
+    Returns the checkpoints written."""
     run_dir = Path(run_dir)
     resume_from = resume_step(cfg, run_dir)  # refuses before anything in run_dir changes
     L.seed_everything(cfg.seed, workers=True)
@@ -252,7 +253,7 @@ def fit(cfg: DictConfig, run_dir: str | Path, extra_train: Sequence[dict] = (),
         log_every_n_steps=min(10, tcfg.steps_per_epoch),
         logger=[KeepingCsvLogger(run_dir, resume_from), TensorBoardLogger(run_dir, name="tensorboard", version="")],
         callbacks=[best, last, LearningRateMonitor("step"),
-                   *([] if terminal else [LogProgress(tcfg.progress_every_steps)])],
+                   *([] if terminal else [LogProgress(tcfg.progress_every_steps)]), *callbacks],
         enable_progress_bar=terminal, enable_model_summary=False,  # its one-row table: the line below says it
     )
     if init_weights is not None:
