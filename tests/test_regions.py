@@ -34,16 +34,34 @@ def field(width=600, height=400, n=25, seed=4) -> np.ndarray:
     ((25400 / 0.5, 25400 / 0.5), INCH, 0.5),
     ((72, 72), INCH, None),  # a writer's default, not a microscope's pixel
     ((1e4 / 3.45, 1e4 / 3.45), CM, None),  # a camera's sensor pitch, no objective applied
+    ((4, 4), "um", 0.25),  # ImageJ: 4 px a micrometre, its unit in its description
+    ((4, 4), "\\u00B5m", 0.25),  # as ImageJ itself writes the micro sign
+    ((2000, 2000), "mm", 0.5),
+    ((4, 4), None, None),  # tags without a unit state no size
     (None, None, None),
 ])
 def test_a_tiff_states_its_pixel_size_only_when_it_is_a_microscopes(tmp_path, resolution, unit, expected):
     path = tmp_path / "f.tif"
-    extra = {} if resolution is None else {"resolution": resolution, "resolutionunit": unit}
-    tifffile.imwrite(path, field(), tile=(128, 128), photometric="rgb", **extra)
+    if unit in (CM, INCH) or resolution is None:
+        extra = {} if resolution is None else {"resolution": resolution, "resolutionunit": unit}
+        tifffile.imwrite(path, field(), tile=(128, 128), photometric="rgb", **extra)
+    else:
+        tifffile.imwrite(path, field(), imagej=True, resolution=resolution, metadata={"unit": unit} if unit else {})
     regions = TiffRegions.open(path)
     assert regions.um_per_px == (None if expected is None else pytest.approx(expected))
     lazy = DatasetMapper({"steps": []}).map_regions(path)
     assert lazy["record"]["um_per_px"] == regions.um_per_px  # tiling reads the file's scale from here
+    assert DatasetMapper({"steps": []}).map_image(path)["record"]["um_per_px"] == regions.um_per_px  # read whole too
+
+
+def test_a_tiff_read_whole_still_states_its_pixel_size(tmp_path):
+    path = tmp_path / "float.tif"  # float pixels are stretched over the whole image, so it is read whole
+    tifffile.imwrite(path, field()[..., 0].astype(np.float32), resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit=CM)
+    assert TiffRegions.open(path) is None
+    assert DatasetMapper({"steps": []}).map_image(path)["record"]["um_per_px"] == pytest.approx(0.25)
+    png = tmp_path / "f.png"
+    cv2.imwrite(str(png), field())
+    assert DatasetMapper({"steps": []}).map_image(png)["record"]["um_per_px"] is None
 
 
 def test_openslide_reads_a_slide_by_region_with_its_pixel_size(tmp_path):

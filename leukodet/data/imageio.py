@@ -119,6 +119,10 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
 
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
 TIFF_UNIT_UM = {2: 25400.0, 3: 10000.0}  # TIFF ResolutionUnit inch / centimetre, in micrometres
+# ImageJ's unit (its description's unit=, the resolution tags then per that unit), in micrometres;
+# ImageJ writes the micro sign escaped
+IMAGEJ_UNIT_UM = {"micron": 1.0, "microns": 1.0, "um": 1.0, "\u00b5m": 1.0, "\\u00b5m": 1.0, "mm": 1000.0,
+                  "nm": 0.001}
 
 
 def plausible_um_per_px(value: float | None) -> float | None:
@@ -127,6 +131,31 @@ def plausible_um_per_px(value: float | None) -> float | None:
     pitch, is not the image's pixel size."""
     low, high = FILE_STATED_UM_PER_PX
     return float(value) if value and low <= float(value) <= high else None
+
+
+def tiff_um_per_px(tiff) -> float | None:
+    """The pixel size an open ``tifffile.TiffFile`` states: its first page's resolution tags in inch
+    or centimetre, or in ImageJ's unit (``unit=micron``, ``um``, ``mm``...; the tags' own unit then
+    says none); None where it states none plausible (``plausible_um_per_px``)."""
+    page = tiff.pages[0]
+    unit = TIFF_UNIT_UM.get(int(page.resolutionunit))
+    if unit is None:
+        unit = IMAGEJ_UNIT_UM.get(str((tiff.imagej_metadata or {}).get("unit", "")).strip().lower())
+    return plausible_um_per_px(unit / page.resolution[0] if unit and page.resolution[0] else None)
+
+
+def stated_um_per_px(path: str | os.PathLike) -> float | None:
+    """The pixel size a TIFF states (``tiff_um_per_px``), for one read whole; None for other files
+    and for a TIFF whose tags cannot be read (reading its pixels then says what is wrong)."""
+    if Path(path).suffix.lower() not in TIFF_SUFFIXES:
+        return None
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            return tiff_um_per_px(tiff)
+    except Exception:  # noqa: BLE001 - the pixels' reader reports the file
+        return None
 
 
 class RegionReader:
@@ -191,8 +220,7 @@ class TiffRegions(RegionReader):
     """A TIFF read by region: only the tiles or strips a region crosses are decoded (tifffile's
     Zarr view of the file). Regions follow the module's conversion rule, except that float images
     are refused (their min-max stretch needs the whole image): ``open`` returns None for files it
-    cannot read so, and the caller reads them whole. The pixel size comes from the resolution tags
-    when their unit is inch or centimetre."""
+    cannot read so, and the caller reads them whole. The pixel size: ``tiff_um_per_px``."""
 
     def __init__(self, path: Path, tiff, store, array, um_per_px: float | None = None):
         super().__init__(path)
@@ -211,9 +239,7 @@ class TiffRegions(RegionReader):
         tiff = None
         try:  # one open file: its tags give the pixel size, its Zarr view the regions
             tiff = tifffile.TiffFile(path)
-            page = tiff.pages[0]
-            unit = TIFF_UNIT_UM.get(int(page.resolutionunit))
-            um_per_px = plausible_um_per_px(unit / page.resolution[0] if unit and page.resolution[0] else None)
+            um_per_px = tiff_um_per_px(tiff)
             store = tiff.aszarr(level=0)
             array = zarr.open(store, mode="r")
         except Exception:  # noqa: BLE001 - not readable by region: the whole-file reader reports what is wrong

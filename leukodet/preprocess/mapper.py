@@ -23,7 +23,7 @@ from pycocotools import mask as mask_utils
 from torchvision import tv_tensors
 
 from leukodet.data.augment import build_augmentation
-from leukodet.data.imageio import SLIDE_SUFFIXES, ImageReadError, RegionReader, open_regions
+from leukodet.data.imageio import SLIDE_SUFFIXES, ImageReadError, RegionReader, open_regions, stated_um_per_px
 from leukodet.preprocess import PreprocessChain, PreprocessState
 from leukodet.preprocess.steps import target_size
 
@@ -191,8 +191,10 @@ class DatasetMapper:
         self.cell_scale = cell_scale
 
     def map_image(self, path: str | os.PathLike) -> dict:
-        """Inference entry: the same reading and chain as training, no annotations."""
-        return self({"file_name": str(path), "image_id": -1, "annotations": [], "points": []})
+        """Inference entry: the same reading and chain as training, no annotations; the record
+        carries the pixel size the file states (a TIFF's tags), as ``map_regions``' does."""
+        return self({"file_name": str(path), "image_id": -1, "annotations": [], "points": [],
+                     "um_per_px": stated_um_per_px(path)})
 
     def map_regions(self, path: str | os.PathLike) -> dict | None:
         """Inference entry for a file read by region (a TIFF or a scanner's slide,
