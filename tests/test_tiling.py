@@ -261,6 +261,31 @@ def test_trained_scale_is_the_cells_median_diameter_as_the_network_saw_it():
     assert scale.network_px == 200 and not scale.fixed
 
 
+def test_a_model_that_sees_its_inputs_unresized_gets_tiles_resized_to_its_training_scale():
+    from conftest import compose
+
+    disc = {"bbox": [0, 0, 40, 40], "area": np.pi * 20 ** 2, "segmentation": [[0, 0, 1, 1, 2, 0]]}
+    records = [{"width": 300, "height": 200, "annotations": [disc]}, {"width": 300, "height": 300, "annotations": [disc]}]
+    d2 = measure_trained_scale(compose("model=d2_mask_rcnn_R_50_FPN_3x"), records)  # detectron2: no resize rule
+    assert not d2.network_resizes and d2.network_cell_px == pytest.approx(40)  # cells as it saw them
+    assert d2.network_px == 250  # its training images' median short side
+    assert TrainedScale(**d2.as_dict()) == d2 and d2.as_dict()["network_resizes"] is False
+    assert Tiling(d2).for_sample({"scale": (1.0, 1.0)}).grid().tile == 250  # the same scale: tiles as trained
+
+    # cells twice the trained size: 256-px tiles, shown to it at 128 px, so each disc is 30 px again
+    small, truths = smear(300, 260, [(70, 70), (200, 150), (120, 200)])
+    big = cv2.resize(small["image"].numpy().transpose(1, 2, 0), (600, 520), interpolation=cv2.INTER_NEAREST)
+    sample = {**small, "image": torch.from_numpy(big.transpose(2, 0, 1).copy()), "orig_width": 600, "orig_height": 520}
+    detector = DiscDetector()
+    unresized = TileScale(input_cell_px=2 * DIAMETER, trained_cell_px=DIAMETER, network_px=128, network_resizes=False)
+    prediction = predict_tiled(detector, sample, unresized, POINT)
+    assert set(detector.tile_shapes) == {(128, 128)}
+    doubled = [cv2.resize(t.astype(np.uint8), (600, 520), interpolation=cv2.INTER_NEAREST).astype(bool) for t in truths]
+    assert len(prediction) == 3 and min(matched(prediction, doubled)) > 0.9  # back in file pixels
+    assert np.allclose(prediction.boxes[np.argsort(prediction.boxes[:, 0])][:, :2], [[110, 110], [210, 370], [370, 270]],
+                       atol=4)
+
+
 def test_a_model_trained_at_a_fixed_cell_size_tiles_each_source_at_its_own_scale():
     def cells(diameter, source, n):
         disc = {"bbox": [0, 0, diameter, diameter], "area": np.pi * (diameter / 2) ** 2, "segmentation": [[0, 0, 1, 1, 2, 0]]}

@@ -7,7 +7,9 @@ network cells 8x too small and returned none. Here every tile is a square of sid
 ``min_size * d / D`` input pixels (``d``: the input's cell diameter, ``D``: the cell diameter the
 network saw in training), so the detector's own resize brings it to ``min_size`` and the cells
 to ``D`` pixels, whatever the size of the picture; this holds for every backend that keeps
-torchvision's resize rule (the trained model, its inference copy, the ONNX export).
+torchvision's resize rule (the trained model, its inference copy, the ONNX export). A model that
+sees its inputs unresized (leukodet's detectron2 adapter) gets each tile resized here instead, to
+the size its training images had (``TrainedScale.network_resizes``).
 
 Merge (the StarDist ``predict_instances_big`` idea, with SAHI's duplicate check at the seams):
 the tiles' cores partition the image, each core running to the middle of the overlap with its
@@ -34,6 +36,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from torchvision.ops import box_iou
+from torchvision.transforms.v2.functional import resize
 
 from leukodet.data.scale import cell_diameter, check_um_per_px
 from leukodet.preprocess.mapper import CellScale, border_median
@@ -87,12 +90,15 @@ class TileGrid:
 class TileScale:
     """How an input reaches the network at the trained scale: its cell diameter in the detector's
     input pixels (after the preprocessing chain), the cell diameter the network was trained at,
-    the detector's square input side (``min_size``) and the overlap in cell diameters."""
+    the detector's square input side (``min_size``) and the overlap in cell diameters;
+    ``network_resizes``: whether the detector resizes a tile to ``network_px`` itself (else
+    ``predict_tiled`` does)."""
 
     input_cell_px: float
     trained_cell_px: float
     network_px: int
     overlap_cells: float = 1.25
+    network_resizes: bool = True
 
     def grid(self) -> TileGrid:
         tile = max(1, round(self.network_px * self.input_cell_px / self.trained_cell_px))
@@ -229,18 +235,31 @@ def predict_tiled(detector, sample: dict, scale: TileScale, point: OperatingPoin
     grid = scale.grid()
     tiles = grid.tiles(width, height)
     cut = point.detector_cut()
+    # a detector that sees its input unresized gets the tile at network size from here; tile_predictions
+    # then takes its detections back through that factor too
+    factor = 1.0 if scale.network_resizes else scale.network_px / grid.tile
     sx, sy = sample["scale"]
     orig_size = (sample["orig_width"], sample["orig_height"])
     parts = []
     for first in range(0, len(tiles), batch_size):
         chunk = tiles[first:first + batch_size]
-        batch = [{**sample, "image": pad_tile(read(*box), grid.tile)} for box, _ in chunk]
+        batch = [{**sample, "image": at_network_size(pad_tile(read(*box), grid.tile), factor)} for box, _ in chunk]
         for (box, _), det in zip(chunk, detector.predict(batch, cut)):
-            parts.append(tile_predictions(det, box[:2], (sx, sy), orig_size))
+            parts.append(tile_predictions(det, (box[0] * factor, box[1] * factor), (sx * factor, sy * factor),
+                                          orig_size))
     cores = [(cx0 / sx, cy0 / sy, cx1 / sx, cy1 / sy) for _, (cx0, cy0, cx1, cy1) in tiles]
     windows = [(x0 / sx, y0 / sy, x1 / sx, y1 / sy) for (x0, y0, x1, y1), _ in tiles]
     merged = merge_tiles(parts, cores, windows, (width / sx, height / sy))
     return refilter(merged, replace(point, max_detections=point.max_detections * len(tiles)))
+
+
+def at_network_size(tile: torch.Tensor, factor: float) -> torch.Tensor:
+    """A square (3, s, s) uint8 tile resized by ``factor`` (bilinear, antialiased, as torchvision's
+    v2 resize does it), or as it is at factor 1."""
+    if factor == 1.0:
+        return tile
+    side = round(tile.shape[-1] * factor)
+    return resize(tile, [side, side], antialias=True)
 
 
 def chain_factor(preprocess_cfg, width: int, height: int) -> tuple[float, float]:
@@ -270,7 +289,10 @@ class TrainedScale:
     training source states its pixel size (``um_per_px``). ``fixed``: trained on windows at one cell size
     (``train.cell_px``, ``leukodet.preprocess.mapper.CellScale``), so it must be shown its
     inputs at that scale, in tiles; else whole images were squeezed to ``min_size`` and the
-    network cell size is the median of what that made of them."""
+    network cell size is the median of what that made of them. ``network_resizes`` false: a model
+    that saw its training images unresized (leukodet's detectron2 adapter): its network cell size is
+    the preprocessed one, ``network_px`` its training images' median short side, and its tiles are
+    resized to that before it sees them."""
 
     cell_px: float
     network_cell_px: float
@@ -278,14 +300,17 @@ class TrainedScale:
     source_cell_px: dict[str, float] | None = None
     fixed: bool = False
     cell_um: float | None = None
+    network_resizes: bool = True
 
     @classmethod
     def measure(cls, records: Sequence[dict], preprocess_cfg, min_size: int, max_size: int,
-                cell_px: float | None = None) -> "TrainedScale | None":
-        file_px, network_px, um, by_source = [], [], [], {}
+                cell_px: float | None = None, network_resizes: bool = True) -> "TrainedScale | None":
+        file_px, network_px, um, by_source, short_sides = [], [], [], {}, []
         for record in records:
             sx, _ = chain_factor(preprocess_cfg, record["width"], record["height"])
-            factor = sx * network_factor(record["width"] * sx, record["height"] * sx, min_size, max_size)
+            short_sides.append(min(record["width"], record["height"]) * sx)
+            factor = sx * (network_factor(record["width"] * sx, record["height"] * sx, min_size, max_size)
+                           if network_resizes else 1.0)
             for annotation in record.get("annotations", []):
                 diameter = cell_diameter(annotation)
                 if diameter > 0:
@@ -298,8 +323,11 @@ class TrainedScale:
         sources = {source: round(float(np.median(d)), 2) for source, d in sorted(by_source.items())}
         cell_um = None if np.isnan(um).any() else round(float(np.median(um)), 3)  # every source's pixel size known
         network_cell_px = float(cell_px) if cell_px is not None else float(np.median(network_px))
-        return cls(float(np.median(file_px)), network_cell_px, int(min_size), sources, fixed=cell_px is not None,
-                   cell_um=cell_um)
+        # a model that sees its inputs unresized takes tiles as large as its training images were (so an
+        # image of their scale and size is one tile, as it was trained), resized to that at other scales
+        side = int(min_size) if network_resizes else int(round(float(np.median(short_sides))))
+        return cls(float(np.median(file_px)), network_cell_px, side, sources, fixed=cell_px is not None,
+                   cell_um=cell_um, network_resizes=network_resizes)
 
     def as_dict(self) -> dict:
         """Plain data for the checkpoint and ``run.json``; the keys added later only when set, so a
@@ -309,7 +337,8 @@ class TrainedScale:
                 "network_px": self.network_px,
                 **({"source_cell_px": self.source_cell_px} if self.source_cell_px is not None else {}),
                 **({"fixed": True} if self.fixed else {}),
-                **({"cell_um": self.cell_um} if self.cell_um is not None else {})}
+                **({"cell_um": self.cell_um} if self.cell_um is not None else {}),
+                **({} if self.network_resizes else {"network_resizes": False})}
 
     def cell_scale(self, random_crop: bool):
         """The mapper's ``CellScale`` that shows images to the network as it was trained (``fixed``)."""
@@ -366,7 +395,8 @@ class Tiling:
 
     def for_sample(self, sample: dict) -> TileScale:
         return TileScale(self.cell_px_for(sample.get("record") or {}) * sample["scale"][0],
-                         self.trained.network_cell_px, self.trained.network_px, self.overlap_cells)
+                         self.trained.network_cell_px, self.trained.network_px, self.overlap_cells,
+                         self.trained.network_resizes)
 
     def as_dict(self) -> dict:
         return {**self.trained.as_dict(), "input_cell_px": self.cell_px_for({}), "overlap_cells": self.overlap_cells,
@@ -400,7 +430,8 @@ def scale_warning(prediction: ImagePredictions, expected_px: float, tolerance: f
 
 def measure_trained_scale(cfg, records: Sequence[dict]) -> TrainedScale | None:
     """The cell scale a run's model trains at, from its training split (None for a model without
-    the min_size / max_size resize rule, which then predicts whole images). With ``train.cell_px``
+    the min_size / max_size resize rule, which then predicts whole images; a detectron2 model,
+    which sees its images unresized, at their preprocessed scale). With ``train.cell_px``
     it trains on ``min_size`` windows at that cell size: refused for a model without the rule,
     or whose ``max_size`` would shrink such a window, or without a cell to measure."""
     cell_px = cfg.train.get("cell_px")
@@ -408,7 +439,8 @@ def measure_trained_scale(cfg, records: Sequence[dict]) -> TrainedScale | None:
     if cell_px is None:
         if min_size is None or max_size is None:
             return None
-        return TrainedScale.measure(records, cfg.preprocess, int(min_size), int(max_size))
+        return TrainedScale.measure(records, cfg.preprocess, int(min_size), int(max_size),
+                                    network_resizes=not sees_inputs_unresized(cfg))
     refusal = cell_px_refusal(cfg, float(cell_px), min_size, max_size)
     if refusal:
         raise ValueError(f"train.cell_px={cell_px}: {refusal}")
@@ -419,13 +451,18 @@ def measure_trained_scale(cfg, records: Sequence[dict]) -> TrainedScale | None:
     return scale
 
 
+def sees_inputs_unresized(cfg) -> bool:
+    """Whether the run's model sees its images at their preprocessed size: leukodet's detectron2
+    adapter (detectron2 resizes in its own dataset mapper, which the one loop does not use), so
+    ``min_size`` is not what its network sees."""
+    return str(cfg.model.name).startswith("d2_")
+
+
 def cell_px_refusal(cfg, cell_px: float, min_size: int | None, max_size: int | None) -> str | None:
     """Why a model cannot train on windows at ``cell_px`` (None: it can)."""
     if min_size is None or max_size is None:
         return f"model {cfg.model.name} has no min_size / max_size input size rule to train windows at; drop it"
-    if str(cfg.model.name).startswith("d2_"):
-        # leukodet's detectron2 adapter feeds images at their preprocessed size (detectron2 resizes in
-        # its own mapper, which the one loop does not use), so min_size is not what its network sees
+    if sees_inputs_unresized(cfg):
         return (f"detectron2 models ({cfg.model.name}) see images unresized, so they cannot be trained on windows "
                 "at a cell size yet; use a torchvision model")
     if not 0 < cell_px < int(min_size):
