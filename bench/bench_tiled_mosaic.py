@@ -4,16 +4,24 @@ squeezed whole (what inference did before), scored at one operating point agains
 one by one (the 1-field rows).
 
     python bench/bench_tiled_mosaic.py --ckpt RUN/checkpoints/best.ckpt --split test val \\
-        --source dataset2 [--fields 1 2 4 8 40 400] [--resample 0.5 1 2]
+        --source dataset2 [--fields 1 2 4 8 40 400] [--resample 0.5 1 2] [--gap 0 1]
 
-Each (size, mode, resampling) runs in a fresh process, so its peak RSS is its own. Columns: F1 and
-AP50 (segm, else bbox) at the point, cells found / true, class-agnostic cells missed (no prediction
-at IoU >= 0.5) and counted twice (a second prediction at IoU >= 0.5 on a true cell), count error
-per field (|found - true| per class, summed, over the fields), throughput (file megapixels/s), the
-child process's peak RSS, and the F1 of the same fields predicted one by one (whole and tiled; the
-1-field rows, so ``--fields`` must start with 1). ``--cell-diameter`` is the fields' scale given to the tiler, as a lab gives
-its microscope's (default: the median equivalent diameter of the fields' own annotations, times the
-resampling). ``--sahi`` adds rows of SAHI's sliced prediction (``pip install sahi``) over the same
+Each (size, gap, mode, resampling) runs in a fresh process, so its peak RSS is its own. Columns:
+F1 and AP50 (segm, else bbox) at the point, cells found / true, class-agnostic cells missed (no
+prediction at IoU >= 0.5) and counted twice (a second prediction at IoU >= 0.5 on a true cell),
+predictions on no true cell ("extra", class-agnostic) and those of them within a cell diameter of
+a line where two fields meet (a pasted junction holds two cut border cells side by side, which no
+camera frame has; ``--gap 1`` puts a cell diameter of background between fields to tell the two
+apart), count error per field (|found - true| per class, summed, over the fields), throughput
+(file megapixels/s), the child process's peak RSS, and the F1 and extra predictions of the same
+fields predicted one by one (whole and tiled; the 1-field rows, so ``--fields`` must start with
+1). ``f1_interior`` and ``f1_per_field_interior_tiled``: the same F1s over the cells away from the
+fields' edges (``--edge-band``, 0.5 cell diameters: a field's border cuts the cells there, and a
+mosaic puts those pieces beside another field's or the background, which no camera frame has;
+seams between tiles fall anywhere, so these columns still hold every seam).
+``--cell-diameter`` is the fields' scale given to the tiler, as a lab gives its microscope's
+(default: the median equivalent diameter of the fields' own annotations, times the resampling).
+``--sahi`` adds rows of SAHI's sliced prediction (``pip install sahi``) over the same
 torchvision model, slices of the same size and overlap, its own merge (greedy non-maximum merging
 at intersection-over-smaller 0.5, masks united), run at the operating point's min confidence
 (SAHI cuts before it merges), images read whole. Not a timed test: the figures go in README with
@@ -69,30 +77,44 @@ def moved(annotation: dict, dx: float, dy: float, factor: float) -> dict:
     return out
 
 
-def mosaic(records: list[dict], fields: int, start: int, factor: float, path: Path) -> dict:
+def mosaic(records: list[dict], fields: int, start: int, factor: float, path: Path, gap: int = 0) -> dict:
     """Fields ``start ..`` (cycling over ``records``) side by side at their native pixels, each in a
-    cell of the largest field's size (the rest: that field's border colour), resampled by
-    ``factor``; written as a tiled TIFF (read by region when predicted tiled)."""
+    cell of the largest field's size (the rest: that field's border colour), ``gap`` px of
+    background (the fields' median border colour) between neighbours, resampled by ``factor``;
+    written as a tiled TIFF (read by region when predicted tiled). ``junctions``: the x and y
+    (resampled) of the lines between neighbouring fields, the middle of each gap; ``fields``: each
+    field's (x0, y0, x1, y1), resampled."""
     import tifffile
 
     columns, rows = grid_shape(fields)
     cell_w, cell_h = max(r["width"] for r in records), max(r["height"] for r in records)
-    canvas = np.zeros((rows * cell_h, columns * cell_w, 3), np.uint8)
-    annotations = []
+    canvas = np.zeros((rows * cell_h + (rows - 1) * gap, columns * cell_w + (columns - 1) * gap, 3), np.uint8)
+    annotations, borders, placed = [], [], []
     for k in range(fields):
         record = records[(start + k) % len(records)]
         image = read_image(record["file_name"])
-        x0, y0 = (k % columns) * cell_w, (k // columns) * cell_h
+        x0, y0 = (k % columns) * (cell_w + gap), (k // columns) * (cell_h + gap)
         border = np.median(np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]), axis=0)
+        borders.append(border)
         canvas[y0:y0 + cell_h, x0:x0 + cell_w] = border.astype(np.uint8)
         canvas[y0:y0 + image.shape[0], x0:x0 + image.shape[1]] = image
         annotations += [moved(a, x0, y0, factor) for a in record["annotations"]]
+        placed.append([v * factor for v in (x0, y0, x0 + image.shape[1], y0 + image.shape[0])])
+    if gap:  # the gaps: no field's pixel lies there
+        background = np.median(borders, axis=0).astype(np.uint8)
+        for c in range(1, columns):
+            canvas[:, c * (cell_w + gap) - gap:c * (cell_w + gap)] = background
+        for r in range(1, rows):
+            canvas[r * (cell_h + gap) - gap:r * (cell_h + gap)] = background
     if factor != 1.0:
         size = (round(canvas.shape[1] * factor), round(canvas.shape[0] * factor))
         canvas = cv2.resize(canvas, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
     tifffile.imwrite(path, canvas, tile=(256, 256), compression="zlib", photometric="rgb")
+    junctions = ([(c * (cell_w + gap) - gap / 2) * factor for c in range(1, columns)],
+                 [(r * (cell_h + gap) - gap / 2) * factor for r in range(1, rows)])
     return {"file_name": str(path), "image_id": start + 1, "width": canvas.shape[1], "height": canvas.shape[0],
-            "annotations": annotations, "box_only": records[0].get("box_only", False)}
+            "annotations": annotations, "box_only": records[0].get("box_only", False), "junctions": junctions,
+            "fields": placed}
 
 
 def predict_child(args: tuple) -> tuple[list, float, float]:
@@ -146,10 +168,12 @@ def predict_sahi_child(args: tuple) -> tuple[list, float, float]:
     return predictions, seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def seam_errors(records: list[dict], predictions: list, min_confidence: float) -> tuple[int, int]:
-    """(true cells with no prediction at IoU >= 0.5, extra predictions at IoU >= 0.5 on a true
-    cell), class-agnostic, at ``min_confidence``."""
-    missed = doubles = 0
+def seam_errors(records: list[dict], predictions: list, min_confidence: float, reach: float) -> dict:
+    """Class-agnostic, at ``min_confidence``: true cells with no prediction at IoU >= 0.5
+    (``missed``), extra predictions at IoU >= 0.5 on a true cell (``doubles``), predictions on no
+    true cell (``extra``) and those of them whose box centre lies within ``reach`` px of a line
+    between two fields (``extra_at_junctions``)."""
+    counts = dict.fromkeys(("missed", "doubles", "extra", "extra_at_junctions"), 0)
     for record, prediction in zip(records, predictions):
         kept = prediction.above(min_confidence)
         truths = [mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], record["height"], record["width"]))
@@ -159,22 +183,52 @@ def seam_errors(records: list[dict], predictions: list, min_confidence: float) -
         else:
             xywh = [[float(x0), float(y0), float(x1 - x0), float(y1 - y0)] for x0, y0, x1, y1 in kept.boxes]
             iou = mask_utils.iou(xywh, [a["bbox"] for a in record["annotations"]], [0] * len(truths))
-            iou = np.asarray(iou).reshape(len(kept), len(truths))
-        hits = (np.asarray(iou).reshape(len(kept), len(truths)) >= 0.5).sum(axis=0)
-        missed += int((hits == 0).sum())
-        doubles += int(np.clip(hits - 1, 0, None).sum())
-    return missed, doubles
+        matches = np.asarray(iou).reshape(len(kept), len(truths)) >= 0.5
+        hits = matches.sum(axis=0)
+        counts["missed"] += int((hits == 0).sum())
+        counts["doubles"] += int(np.clip(hits - 1, 0, None).sum())
+        extra = ~matches.any(axis=1)
+        counts["extra"] += int(extra.sum())
+        centres = (kept.boxes[extra, :2] + kept.boxes[extra, 2:]) / 2
+        columns, rows = record.get("junctions", ([], []))
+        near = np.zeros(len(centres), bool)
+        for axis, lines in ((0, columns), (1, rows)):
+            for line in lines:
+                near |= np.abs(centres[:, axis] - line) <= reach
+        counts["extra_at_junctions"] += int(near.sum())
+    return counts
 
 
-def score(records, predictions, classes, point, iou) -> dict:
+def away_from_field_edges(records: list[dict], predictions: list, band: float) -> tuple[list, list]:
+    """The records and predictions without what lies at a field's edge: true cells and predictions
+    whose box centre is within ``band`` px of an edge of its field, or in no field. Those are the
+    cells a field's border cuts, which a mosaic puts beside another field's or the background (no
+    camera frame has them); the same rule holds for a field alone, so the two compare the cells
+    that tiles and their seams see, wherever a seam falls."""
+    def inside(record, centres: np.ndarray) -> np.ndarray:
+        fields = np.asarray(record["fields"], np.float64)[:, None, :]
+        x, y = centres[None, :, 0], centres[None, :, 1]
+        return ((x >= fields[..., 0] + band) & (x <= fields[..., 2] - band) & (y >= fields[..., 1] + band)
+                & (y <= fields[..., 3] - band)).any(axis=0)
+
+    kept_records, kept_predictions = [], []
+    for record, prediction in zip(records, predictions):
+        boxes = np.array([a["bbox"] for a in record["annotations"]], np.float64).reshape(-1, 4)
+        truth = inside(record, boxes[:, :2] + boxes[:, 2:] / 2)
+        kept_records.append({**record, "annotations": [a for a, k in zip(record["annotations"], truth) if k]})
+        found = inside(record, (prediction.boxes[:, :2] + prediction.boxes[:, 2:]) / 2)
+        kept_predictions.append(prediction.select(np.nonzero(found)[0]))
+    return kept_records, kept_predictions
+
+
+def score(records, predictions, classes, point, iou, reach: float) -> dict:
     result = evaluate(records, predictions, classes, min_confidence=point.min_confidence, iou_threshold=iou)
     summary, per_image = result.summary(), result.per_image
     errors = sum((per_image[f"pred_{c}"] - per_image[f"true_{c}"]).abs().sum() for c in classes)
-    missed, doubles = seam_errors(records, predictions, point.min_confidence)
     return {"f1": summary["f1"], "ap50": summary.get("ap50_segm", summary.get("ap50_bbox")),
             "found": int(sum(per_image[f"pred_{c}"].sum() for c in classes)),
             "true": int(sum(per_image[f"true_{c}"].sum() for c in classes)),
-            "missed": missed, "doubles": doubles, "count_error": errors}
+            **seam_errors(records, predictions, point.min_confidence, reach), "count_error": errors}
 
 
 def main() -> None:
@@ -189,6 +243,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sahi", action="store_true", help="add SAHI sliced-prediction rows (pip install sahi)")
     parser.add_argument("--cross-class-nms", type=float, default=None, help="the point's NMS across classes")
+    parser.add_argument("--gap", type=float, nargs="+", default=[0.0],
+                        help="background between neighbouring fields, in cell diameters (0: edge to edge)")
+    parser.add_argument("--edge-band", type=float, default=0.5,
+                        help="the *_interior columns leave out what lies this many cell diameters from a field's edge")
     args = parser.parse_args()
 
     cfg = run_config(OmegaConf.create({"ckpt": args.ckpt, "eval": {}, "paths": {},
@@ -211,11 +269,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for factor in args.resample:
             tiling = Tiling(trained, field_cell_px * factor)
+            reach = field_cell_px * factor  # an extra cell "at a junction": its centre within a cell of one
+            band = args.edge_band * field_cell_px * factor
             grid = tiling.for_sample({"scale": (1.0, 1.0)}).grid()  # SAHI's slices: our tiles
-            for fields in args.fields:
+            for fields, gap in [(f, g) for f in args.fields for g in (args.gap if f > 1 else [0.0])]:
                 count = max(1, math.ceil(len(records) / fields))  # every field used at least once
-                mosaics = [mosaic(records, fields, i * fields, factor, Path(tmp) / f"m{fields}_{factor}_{i}.tif")
-                           for i in range(count)]
+                gap_px = round(gap * field_cell_px)
+                mosaics = [mosaic(records, fields, i * fields, factor,
+                                  Path(tmp) / f"m{fields}_{factor}_{gap}_{i}.tif", gap_px) for i in range(count)]
                 modes = [("tiled", predict_child, tiling, point.scored()), ("whole", predict_child, None, point.scored())]
                 if args.sahi:
                     modes.append(("sahi", predict_sahi_child, (grid.tile, grid.overlap), point))
@@ -225,20 +286,28 @@ def main() -> None:
                     with context.Pool(1) as pool:
                         predictions, seconds, peak = pool.apply(child, ((
                             args.ckpt, [m["file_name"] for m in mosaics], preprocess, used, cut, args.threads),))
-                    row = {"resample": factor, "fields": fields, "mode": mode, "images": len(mosaics),
+                    row = {"resample": factor, "fields": fields, "gap_cells": gap, "mode": mode, "images": len(mosaics),
                            "size": f"{mosaics[0]['width']}x{mosaics[0]['height']}",
-                           **score(mosaics, predictions, classes, point, cfg.eval.iou_threshold),
+                           **score(mosaics, predictions, classes, point, cfg.eval.iou_threshold, reach),
                            "mp_per_s": sum(m["width"] * m["height"] for m in mosaics) / 1e6 / seconds,
                            "peak_rss_mb": peak}
                     row["count_error_per_field"] = row.pop("count_error") / (fields * len(mosaics))
+                    row["f1_interior"] = score(*away_from_field_edges(mosaics, predictions, band), classes, point,
+                                               cfg.eval.iou_threshold, reach)["f1"]
                     if fields == 1:  # field i is mosaic i
                         single[(factor, mode)], single[factor] = predictions, mosaics
                     used_fields = [(i * fields + k) % len(records) for i in range(count) for k in range(fields)]
                     for reference in ("whole", "tiled"):  # the same fields predicted one by one, at this point
                         known = single.get((factor, reference))
-                        row[f"f1_per_field_{reference}"] = None if known is None else score(
+                        alone = None if known is None else score(
                             [single[factor][i] for i in used_fields], [known[i] for i in used_fields], classes, point,
-                            cfg.eval.iou_threshold)["f1"]
+                            cfg.eval.iou_threshold, reach)
+                        row[f"f1_per_field_{reference}"] = None if alone is None else alone["f1"]
+                        row[f"extra_per_field_{reference}"] = None if alone is None else alone["extra"]
+                    known = single.get((factor, "tiled"))
+                    row["f1_per_field_interior_tiled"] = None if known is None else score(*away_from_field_edges(
+                        [single[factor][i] for i in used_fields], [known[i] for i in used_fields], band), classes,
+                        point, cfg.eval.iou_threshold, reach)["f1"]
                     rows.append(row)
                     print(pd.DataFrame([row]).to_string(index=False, header=len(rows) == 1, float_format="%.3f"),
                           flush=True)
