@@ -291,15 +291,55 @@ def test_a_mean_teacher_labels_only_the_new_images_and_follows_the_model_slowly(
     second = batch()
     teacher.on_train_batch_start(None, module, second, 1)
     assert second[1]["instances"]["boxes"][0, 0].item() == pytest.approx(1.1)  # the teacher's weights label
+    saved = teacher.state_dict()  # in the run's checkpoints: a resumed run resumes the teacher too
+    resumed = MeanTeacher(OperatingPoint(0.9, 0.5, 100), decay=0.9)
+    resumed.load_state_dict(saved)
+    resumed.on_train_start(None, module)
+    assert torch.allclose(resumed.teacher.weight, torch.full((2,), 0.1)) and (resumed.cells, resumed.images) == (2, 2)
     teacher.on_train_end(None, module)
     assert torch.allclose(module.adapter.weight, torch.full((2,), 0.1))  # training leaves the teacher's weights
     with pytest.raises(ValueError, match="ema_decay=1.0"):
         MeanTeacher(OperatingPoint(0.9, 0.5, 100), decay=1.0)
 
 
-def test_mean_teacher_self_training_runs_from_the_tool(trained_run, tmp_path):  # noqa: F811
+class TwoClassesOneCell(ShiftingAdapter):
+    def predict(self, batch, point):
+        from leukodet.structures import Detections
+
+        return [Detections(torch.tensor([[1.0, 2.0, 5.0, 6.0], [1.0, 2.0, 5.0, 6.5]]), torch.tensor([0.95, 0.92]),
+                           torch.tensor([0, 1]), torch.ones((2, 8, 8), dtype=torch.bool)) for _ in batch]
+
+
+def test_a_mean_teacher_labels_a_cell_once_where_the_point_suppresses_across_classes():
+    from types import SimpleNamespace
+
+    from leukodet.engine.adapt import TARGET_SOURCE, MeanTeacher
+
+    module = SimpleNamespace(adapter=TwoClassesOneCell())
+    none = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64), "masks": None}
+    for across, labels in ((None, [0, 1]), (0.5, [0])):
+        teacher = MeanTeacher(OperatingPoint(0.9, 0.5, 100, cross_class_nms=across), decay=0.9)
+        teacher.on_train_start(None, module)
+        batch = [{"record": {"source": TARGET_SOURCE}, "image": torch.zeros(3, 8, 8), "instances": dict(none)}]
+        teacher.on_train_batch_start(None, module, batch, 0)
+        assert batch[0]["instances"]["labels"].tolist() == labels
+        assert len(batch[0]["instances"]["masks"]) == len(labels)
+
+
+def test_mean_teacher_self_training_runs_from_the_tool(trained_run, tmp_path, monkeypatch):  # noqa: F811
+    from leukodet.engine import adapt
     from leukodet.engine.adapt import adapt_run
     from leukodet.engine.evaluate import read_checkpoint
+
+    weights = {}
+    ending = adapt.MeanTeacher.on_train_end
+
+    def recorded(self, trainer, module):  # what the model and its teacher hold when training ends
+        weights["student"] = {k: v.clone() for k, v in module.adapter.state_dict().items()}
+        weights["teacher"] = {k: v.clone() for k, v in self.teacher.state_dict().items()}
+        ending(self, trainer, module)
+
+    monkeypatch.setattr(adapt.MeanTeacher, "on_train_end", recorded)
 
     checkpoint = trained_run / "run" / "checkpoints" / "last.ckpt"
     cfg = compose(f"ckpt={checkpoint}", f"input={trained_run / 'data' / 'images'}", "adapt.stain=none",
@@ -314,6 +354,11 @@ def test_mean_teacher_self_training_runs_from_the_tool(trained_run, tmp_path):  
     state, original = read_checkpoint(adapted), read_checkpoint(checkpoint)
     assert any(not torch.equal(state["state_dict"][k], v) for k, v in original["state_dict"].items()
                if "running_" not in k)  # the teacher followed the tuned model
+    saved = {k.removeprefix("adapter."): v for k, v in state["state_dict"].items()}
+    assert all(torch.equal(saved[k], v) for k, v in weights["teacher"].items())  # the teacher's weights are kept
+    assert any(not torch.equal(saved[k], v) for k, v in weights["student"].items())  # not the student's
+    tuned = OmegaConf.load(tmp_path / "adapted" / "self_training" / "config.yaml")
+    assert tuned.self_training.mean_teacher  # a folder tuned offline is not resumed as a mean teacher's
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from pycocotools import mask as mask_utils
+from torchvision.ops import nms
 from tqdm import tqdm
 
 from leukodet.data.catalog import get_dataset_dicts, get_metadata, split_name
@@ -43,7 +44,7 @@ from leukodet.io import atomic_write_text
 from leukodet.models.adapt import adapt_batchnorm
 from leukodet.preprocess.mapper import DatasetMapper
 from leukodet.preprocess.steps import STAIN_METHODS, fit_stain_reference
-from leukodet.structures import OperatingPoint
+from leukodet.structures import Detections, OperatingPoint
 
 logger = logging.getLogger(__name__)
 
@@ -94,10 +95,11 @@ class MeanTeacher(L.Callback):
     """Online pseudo-label self-training (mean teacher, Tarvainen & Valpola 2017, as Unbiased Teacher
     uses it for detection): a teacher, the moving average of the model's weights (``decay`` a
     step), labels each new image of a batch with its detections at ``point`` as the model is about
-    to see it (after augmentation, so labels and pixels agree); the model learns from them beside
-    its own train split, and the teacher follows it. Training ends with the teacher's weights in the
-    model: they move slowly, so they are the steadier of the two. ``cells`` / ``images``: the
-    labels it gave, over the new images it was shown."""
+    to be trained on it (after augmentation, so labels and pixels agree; at the scale the model
+    trains at); the model learns from them beside its own train split, and the teacher follows it.
+    Training ends with the teacher's weights in the model: they move slowly, so they are the steadier
+    of the two. The teacher rides in the run's checkpoints, so a resumed run resumes it too.
+    ``cells`` / ``images``: the labels it gave, over the new images it was shown."""
 
     def __init__(self, point: OperatingPoint, decay: float):
         if not 0 < decay < 1:
@@ -105,15 +107,23 @@ class MeanTeacher(L.Callback):
         self.point, self.decay = point, decay
         self.teacher = None
         self.cells = self.images = 0
+        self._resumed = None  # the teacher's weights from a checkpoint, until training starts
 
     def on_train_start(self, trainer, module) -> None:
         self.teacher = copy.deepcopy(module.adapter).eval().requires_grad_(False)
+        if self._resumed is not None:
+            self.teacher.load_state_dict(self._resumed)
+            self._resumed = None
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         new = [sample for sample in batch if sample["record"].get("source") == TARGET_SOURCE]
         if not new:
             return
-        for sample, found in zip(new, self.teacher.predict(new, self.point)):
+        for sample, found in zip(new, self.teacher.predict(new, self.point.detector_cut())):
+            if self.point.cross_class_nms is not None and len(found):  # the detector suppresses within classes
+                keep = nms(found.boxes, found.scores, self.point.cross_class_nms)
+                found = Detections(found.boxes[keep], found.scores[keep], found.labels[keep],
+                                   None if found.masks is None else found.masks[keep])
             sample["instances"] = {"boxes": found.boxes, "labels": found.labels,
                                    "masks": None if found.masks is None else found.masks.to(torch.uint8)}
             self.cells += len(found)
@@ -131,6 +141,13 @@ class MeanTeacher(L.Callback):
     def on_train_end(self, trainer, module) -> None:
         module.adapter.load_state_dict(self.teacher.state_dict())
 
+    def state_dict(self) -> dict:
+        return {"teacher": self.teacher.state_dict() if self.teacher is not None else None,
+                "cells": self.cells, "images": self.images}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resumed, self.cells, self.images = state["teacher"], state["cells"], state["images"]
+
 
 def self_train(run_cfg: DictConfig, trained: DictConfig, module: DetectionModule, images: list[Path],
                settings: DictConfig, out_dir: Path) -> tuple[DetectionModule, int]:
@@ -147,8 +164,7 @@ def self_train(run_cfg: DictConfig, trained: DictConfig, module: DetectionModule
     teacher = None
     if settings.get("mean_teacher"):
         # the teacher cuts its raw scores: a class bias moves counts at the point, not what is a cell
-        teacher = MeanTeacher(OperatingPoint(point.min_confidence, point.nms, point.max_detections, "mean teacher"),
-                              float(settings.ema_decay))
+        teacher = MeanTeacher(replace(point, class_bias=(), source="mean teacher"), float(settings.ema_decay))
         labelled = [{"file_name": str(image), "image_id": -1 - i, "width": size[0], "height": size[1],
                      "annotations": [], "source": TARGET_SOURCE}
                     for i, (image, size) in enumerate((image, image_size(image)) for image in images)]
@@ -156,10 +172,11 @@ def self_train(run_cfg: DictConfig, trained: DictConfig, module: DetectionModule
                     len(labelled), teacher.point.describe(), teacher.decay, settings.steps)
     else:
         labelled = pseudo_labels(run_cfg, module, images, point, out_dir / "pseudo_labels.json")
-        logger.info("pseudo-labels: %d cells on %d images (%s); fine-tuning %d steps",
-                    sum(len(record["annotations"]) for record in labelled), len(labelled), point.describe(),
-                    settings.steps)
+        logger.info("pseudo-labels: %d cells on %d images (%s); fine-tuning %d steps", labelled_cells(labelled),
+                    len(labelled), point.describe(), settings.steps)
     tuning = OmegaConf.create(OmegaConf.to_container(trained, resolve=True))
+    # in the tuning run's config, so a folder tuned one way is not resumed another way
+    tuning.self_training = OmegaConf.to_container(settings, resolve=True)
     tuning.train.max_steps = tuning.train.steps_per_epoch = int(settings.steps)
     tuning.train.warmup_steps = min(int(tuning.train.warmup_steps), int(settings.steps) // 10)
     tuning.train.lr = float(tuning.train.lr) * float(settings.lr_factor)
@@ -168,8 +185,11 @@ def self_train(run_cfg: DictConfig, trained: DictConfig, module: DetectionModule
                  callbacks=[teacher] if teacher else [])
     if teacher:
         logger.info("mean teacher: %d cells labelled over %d new images shown", teacher.cells, teacher.images)
-    cells = teacher.cells if teacher else sum(len(record["annotations"]) for record in labelled)
-    return load_detector(result.last_checkpoint), cells
+    return load_detector(result.last_checkpoint), teacher.cells if teacher else labelled_cells(labelled)
+
+
+def labelled_cells(records: list[dict]) -> int:
+    return sum(len(record["annotations"]) for record in records)
 
 
 def adapt_run(cfg: DictConfig, out_dir: str | Path) -> Path:
