@@ -34,6 +34,7 @@ def field(width=600, height=400, n=25, seed=4) -> np.ndarray:
     ((25400 / 0.5, 25400 / 0.5), INCH, 0.5),
     ((72, 72), INCH, None),  # a writer's default, not a microscope's pixel
     ((1e4 / 3.45, 1e4 / 3.45), CM, None),  # a camera's sensor pitch, no objective applied
+    ((4, 4), 5, 0.25),  # tifffile's micrometre unit (outside the TIFF standard)
     ((4, 4), "um", 0.25),  # ImageJ: 4 px a micrometre, its unit in its description
     ((4, 4), "\\u00B5m", 0.25),  # as ImageJ itself writes the micro sign
     ((2000, 2000), "mm", 0.5),
@@ -42,7 +43,7 @@ def field(width=600, height=400, n=25, seed=4) -> np.ndarray:
 ])
 def test_a_tiff_states_its_pixel_size_only_when_it_is_a_microscopes(tmp_path, resolution, unit, expected):
     path = tmp_path / "f.tif"
-    if unit in (CM, INCH) or resolution is None:
+    if unit in (CM, INCH, 5) or resolution is None:
         extra = {} if resolution is None else {"resolution": resolution, "resolutionunit": unit}
         tifffile.imwrite(path, field(), tile=(128, 128), photometric="rgb", **extra)
     else:

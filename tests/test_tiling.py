@@ -271,6 +271,10 @@ def test_a_model_that_sees_its_inputs_unresized_gets_tiles_resized_to_its_traini
     assert d2.network_px == 250  # its training images' median short side
     assert TrainedScale(**d2.as_dict()) == d2 and d2.as_dict()["network_resizes"] is False
     assert Tiling(d2).for_sample({"scale": (1.0, 1.0)}).grid().tile == 250  # the same scale: tiles as trained
+    before = {"cell_px": 40, "network_cell_px": 106.67, "network_px": 800}  # saved before network_resizes
+    cfg = compose("model=d2_mask_rcnn_R_50_FPN_3x")
+    assert run_tiling(cfg, before, lambda: records).trained == d2  # measured again, as it sees its inputs
+    assert run_tiling(compose(), before).trained.network_resizes  # a torchvision model's stands
 
     # cells twice the trained size: 256-px tiles, shown to it at 128 px, so each disc is 30 px again
     small, truths = smear(300, 260, [(70, 70), (200, 150), (120, 200)])

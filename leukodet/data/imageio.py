@@ -118,11 +118,13 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
 
 
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
-TIFF_UNIT_UM = {2: 25400.0, 3: 10000.0}  # TIFF ResolutionUnit inch / centimetre, in micrometres
+# TIFF ResolutionUnit inch / centimetre, and the millimetre / micrometre that tifffile writes (4, 5,
+# outside the TIFF standard), in micrometres
+TIFF_UNIT_UM = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}
 # ImageJ's unit (its description's unit=, the resolution tags then per that unit), in micrometres;
-# ImageJ writes the micro sign escaped
-IMAGEJ_UNIT_UM = {"micron": 1.0, "microns": 1.0, "um": 1.0, "\u00b5m": 1.0, "\\u00b5m": 1.0, "mm": 1000.0,
-                  "nm": 0.001}
+# ImageJ writes the micro sign escaped; the Greek mu is how some writers spell it
+IMAGEJ_UNIT_UM = {unit: 1.0 for unit in ("micron", "microns", "micrometer", "micrometre", "um", "\u00b5m",
+                                         "\u03bcm", "\\u00b5m")} | {"mm": 1000.0, "nm": 0.001}
 
 
 def plausible_um_per_px(value: float | None) -> float | None:

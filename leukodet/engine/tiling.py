@@ -134,7 +134,7 @@ def tile_source(sample: dict):
     return (lambda x0, y0, x1, y1: image[:, y0:y1, x0:x1]), image.shape[-1], image.shape[-2]
 
 
-def tile_predictions(det: Detections, offset: tuple[int, int], scale: tuple[float, float],
+def tile_predictions(det: Detections, offset: tuple[float, float], scale: tuple[float, float],
                      orig_size: tuple[int, int]) -> ImagePredictions:
     """One tile's detections (tile pixels) in file pixels, each mask encoded from its own box crop."""
     sx, sy = scale
@@ -455,7 +455,7 @@ def sees_inputs_unresized(cfg) -> bool:
     """Whether the run's model sees its images at their preprocessed size: leukodet's detectron2
     adapter (detectron2 resizes in its own dataset mapper, which the one loop does not use), so
     ``min_size`` is not what its network sees."""
-    return str(cfg.model.name).startswith("d2_")
+    return str((cfg.get("model") or {}).get("name", "")).startswith("d2_")
 
 
 def cell_px_refusal(cfg, cell_px: float, min_size: int | None, max_size: int | None) -> str | None:
@@ -480,6 +480,10 @@ def run_tiling(run_cfg, saved_scale: dict | None, training_records=None, enabled
     training split, or None); None means whole images, as before."""
     infer_cfg = run_cfg.get("infer") or {}
     trained = TrainedScale(**saved_scale) if saved_scale else None
+    if trained is not None and trained.network_resizes and sees_inputs_unresized(run_cfg):
+        logger.warning("this detectron2 checkpoint records a trained scale that assumed a resize its model does not "
+                       "do (saved before that was told apart): measuring it again from its training split")
+        trained = None
     if not (infer_cfg.get("tiling", True) if enabled is None else enabled):
         if trained is None or not trained.fixed:
             return None
