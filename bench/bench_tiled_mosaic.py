@@ -9,12 +9,12 @@ one by one (the 1-field rows).
 Each (size, gap, mode, resampling) runs in a fresh process, so its peak RSS is its own. Columns:
 F1 and AP50 (segm, else bbox) at the point, cells found / true, class-agnostic cells missed (no
 prediction at IoU >= 0.5) and counted twice (a second prediction at IoU >= 0.5 on a true cell),
-predictions on no true cell ("extra", class-agnostic) and those of them within a cell diameter of
-a line where two fields meet (a pasted junction holds two cut border cells side by side, which no
-camera frame has; ``--gap 1`` puts a cell diameter of background between fields to tell the two
-apart), count error per field (|found - true| per class, summed, over the fields), throughput
-(file megapixels/s), the child process's peak RSS, and the F1 and extra predictions of the same
-fields predicted one by one (whole and tiled; the 1-field rows, so ``--fields`` must start with
+predictions on no true cell ("extra", class-agnostic) and those of them at a field's edge (box
+centre within ``--edge-band`` of it, as below: where a field's border cuts cells; a mosaic puts
+those pieces beside another field, which no camera frame has; ``--gap 1`` puts a cell diameter of
+background between fields), count error per field (|found - true| per class, summed, over the fields), throughput
+(file megapixels/s), the child process's peak RSS, and the F1 and extra predictions (all, at the
+edges) of the same fields predicted one by one (whole and tiled; the 1-field rows, so ``--fields`` must start with
 1). ``f1_interior`` and ``f1_per_field_interior_tiled``: the same F1s over the cells away from the
 fields' edges (``--edge-band``, 0.5 cell diameters: a field's border cuts the cells there, and a
 mosaic puts those pieces beside another field's or the background, which no camera frame has;
@@ -81,9 +81,8 @@ def mosaic(records: list[dict], fields: int, start: int, factor: float, path: Pa
     """Fields ``start ..`` (cycling over ``records``) side by side at their native pixels, each in a
     cell of the largest field's size (the rest: that field's border colour), ``gap`` px of
     background (the fields' median border colour) between neighbours, resampled by ``factor``;
-    written as a tiled TIFF (read by region when predicted tiled). ``junctions``: the x and y
-    (resampled) of the lines between neighbouring fields, the middle of each gap; ``fields``: each
-    field's (x0, y0, x1, y1), resampled."""
+    written as a tiled TIFF (read by region when predicted tiled). ``fields``: each field's (x0, y0,
+    x1, y1), resampled."""
     import tifffile
 
     columns, rows = grid_shape(fields)
@@ -110,11 +109,8 @@ def mosaic(records: list[dict], fields: int, start: int, factor: float, path: Pa
         size = (round(canvas.shape[1] * factor), round(canvas.shape[0] * factor))
         canvas = cv2.resize(canvas, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
     tifffile.imwrite(path, canvas, tile=(256, 256), compression="zlib", photometric="rgb")
-    junctions = ([(c * (cell_w + gap) - gap / 2) * factor for c in range(1, columns)],
-                 [(r * (cell_h + gap) - gap / 2) * factor for r in range(1, rows)])
     return {"file_name": str(path), "image_id": start + 1, "width": canvas.shape[1], "height": canvas.shape[0],
-            "annotations": annotations, "box_only": records[0].get("box_only", False), "junctions": junctions,
-            "fields": placed}
+            "annotations": annotations, "box_only": records[0].get("box_only", False), "fields": placed}
 
 
 def predict_child(args: tuple) -> tuple[list, float, float]:
@@ -168,12 +164,20 @@ def predict_sahi_child(args: tuple) -> tuple[list, float, float]:
     return predictions, seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def seam_errors(records: list[dict], predictions: list, min_confidence: float, reach: float) -> dict:
+def in_field_interior(record: dict, centres: np.ndarray, band: float) -> np.ndarray:
+    """Which of these (x, y) lie more than ``band`` px inside one of the record's fields."""
+    fields = np.asarray(record["fields"], np.float64)[:, None, :]
+    x, y = centres[None, :, 0], centres[None, :, 1]
+    return ((x >= fields[..., 0] + band) & (x <= fields[..., 2] - band) & (y >= fields[..., 1] + band)
+            & (y <= fields[..., 3] - band)).any(axis=0)
+
+
+def seam_errors(records: list[dict], predictions: list, min_confidence: float, band: float) -> dict:
     """Class-agnostic, at ``min_confidence``: true cells with no prediction at IoU >= 0.5
     (``missed``), extra predictions at IoU >= 0.5 on a true cell (``doubles``), predictions on no
-    true cell (``extra``) and those of them whose box centre lies within ``reach`` px of a line
-    between two fields (``extra_at_junctions``)."""
-    counts = dict.fromkeys(("missed", "doubles", "extra", "extra_at_junctions"), 0)
+    true cell (``extra``) and those of them whose box centre lies within ``band`` px of a field's
+    edge (``extra_at_edges``: where a field's border cuts cells, alone or in a mosaic)."""
+    counts = dict.fromkeys(("missed", "doubles", "extra", "extra_at_edges"), 0)
     for record, prediction in zip(records, predictions):
         kept = prediction.above(min_confidence)
         truths = [mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], record["height"], record["width"]))
@@ -190,12 +194,7 @@ def seam_errors(records: list[dict], predictions: list, min_confidence: float, r
         extra = ~matches.any(axis=1)
         counts["extra"] += int(extra.sum())
         centres = (kept.boxes[extra, :2] + kept.boxes[extra, 2:]) / 2
-        columns, rows = record.get("junctions", ([], []))
-        near = np.zeros(len(centres), bool)
-        for axis, lines in ((0, columns), (1, rows)):
-            for line in lines:
-                near |= np.abs(centres[:, axis] - line) <= reach
-        counts["extra_at_junctions"] += int(near.sum())
+        counts["extra_at_edges"] += int((~in_field_interior(record, centres, band)).sum())
     return counts
 
 
@@ -205,30 +204,24 @@ def away_from_field_edges(records: list[dict], predictions: list, band: float) -
     cells a field's border cuts, which a mosaic puts beside another field's or the background (no
     camera frame has them); the same rule holds for a field alone, so the two compare the cells
     that tiles and their seams see, wherever a seam falls."""
-    def inside(record, centres: np.ndarray) -> np.ndarray:
-        fields = np.asarray(record["fields"], np.float64)[:, None, :]
-        x, y = centres[None, :, 0], centres[None, :, 1]
-        return ((x >= fields[..., 0] + band) & (x <= fields[..., 2] - band) & (y >= fields[..., 1] + band)
-                & (y <= fields[..., 3] - band)).any(axis=0)
-
     kept_records, kept_predictions = [], []
     for record, prediction in zip(records, predictions):
         boxes = np.array([a["bbox"] for a in record["annotations"]], np.float64).reshape(-1, 4)
-        truth = inside(record, boxes[:, :2] + boxes[:, 2:] / 2)
+        truth = in_field_interior(record, boxes[:, :2] + boxes[:, 2:] / 2, band)
         kept_records.append({**record, "annotations": [a for a, k in zip(record["annotations"], truth) if k]})
-        found = inside(record, (prediction.boxes[:, :2] + prediction.boxes[:, 2:]) / 2)
+        found = in_field_interior(record, (prediction.boxes[:, :2] + prediction.boxes[:, 2:]) / 2, band)
         kept_predictions.append(prediction.select(np.nonzero(found)[0]))
     return kept_records, kept_predictions
 
 
-def score(records, predictions, classes, point, iou, reach: float) -> dict:
+def score(records, predictions, classes, point, iou, band: float) -> dict:
     result = evaluate(records, predictions, classes, min_confidence=point.min_confidence, iou_threshold=iou)
     summary, per_image = result.summary(), result.per_image
     errors = sum((per_image[f"pred_{c}"] - per_image[f"true_{c}"]).abs().sum() for c in classes)
     return {"f1": summary["f1"], "ap50": summary.get("ap50_segm", summary.get("ap50_bbox")),
             "found": int(sum(per_image[f"pred_{c}"].sum() for c in classes)),
             "true": int(sum(per_image[f"true_{c}"].sum() for c in classes)),
-            **seam_errors(records, predictions, point.min_confidence, reach), "count_error": errors}
+            **seam_errors(records, predictions, point.min_confidence, band), "count_error": errors}
 
 
 def main() -> None:
@@ -269,7 +262,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for factor in args.resample:
             tiling = Tiling(trained, field_cell_px * factor)
-            reach = field_cell_px * factor  # an extra cell "at a junction": its centre within a cell of one
             band = args.edge_band * field_cell_px * factor
             grid = tiling.for_sample({"scale": (1.0, 1.0)}).grid()  # SAHI's slices: our tiles
             for fields, gap in [(f, g) for f in args.fields for g in (args.gap if f > 1 else [0.0])]:
@@ -288,12 +280,12 @@ def main() -> None:
                             args.ckpt, [m["file_name"] for m in mosaics], preprocess, used, cut, args.threads),))
                     row = {"resample": factor, "fields": fields, "gap_cells": gap, "mode": mode, "images": len(mosaics),
                            "size": f"{mosaics[0]['width']}x{mosaics[0]['height']}",
-                           **score(mosaics, predictions, classes, point, cfg.eval.iou_threshold, reach),
+                           **score(mosaics, predictions, classes, point, cfg.eval.iou_threshold, band),
                            "mp_per_s": sum(m["width"] * m["height"] for m in mosaics) / 1e6 / seconds,
                            "peak_rss_mb": peak}
                     row["count_error_per_field"] = row.pop("count_error") / (fields * len(mosaics))
                     row["f1_interior"] = score(*away_from_field_edges(mosaics, predictions, band), classes, point,
-                                               cfg.eval.iou_threshold, reach)["f1"]
+                                               cfg.eval.iou_threshold, band)["f1"]
                     if fields == 1:  # field i is mosaic i
                         single[(factor, mode)], single[factor] = predictions, mosaics
                     used_fields = [(i * fields + k) % len(records) for i in range(count) for k in range(fields)]
@@ -301,13 +293,14 @@ def main() -> None:
                         known = single.get((factor, reference))
                         alone = None if known is None else score(
                             [single[factor][i] for i in used_fields], [known[i] for i in used_fields], classes, point,
-                            cfg.eval.iou_threshold, reach)
+                            cfg.eval.iou_threshold, band)
                         row[f"f1_per_field_{reference}"] = None if alone is None else alone["f1"]
                         row[f"extra_per_field_{reference}"] = None if alone is None else alone["extra"]
+                        row[f"extra_at_edges_per_field_{reference}"] = None if alone is None else alone["extra_at_edges"]
                     known = single.get((factor, "tiled"))
                     row["f1_per_field_interior_tiled"] = None if known is None else score(*away_from_field_edges(
                         [single[factor][i] for i in used_fields], [known[i] for i in used_fields], band), classes,
-                        point, cfg.eval.iou_threshold, reach)["f1"]
+                        point, cfg.eval.iou_threshold, band)["f1"]
                     rows.append(row)
                     print(pd.DataFrame([row]).to_string(index=False, header=len(rows) == 1, float_format="%.3f"),
                           flush=True)
