@@ -35,11 +35,10 @@ ADAPTATIONS = {  # name: tools/adapt.py overrides (none: the checkpoint as train
     "reinhard+adabn": ["adapt.stain=reinhard", "adapt.batchnorm=true"],
     "self_training": ["adapt.stain=none", "adapt.batchnorm=false", "adapt.self_training.steps=400"],
     "reinhard+self_training": ["adapt.stain=reinhard", "adapt.batchnorm=false", "adapt.self_training.steps=400"],
-    "mean_teacher": ["adapt.stain=none", "adapt.batchnorm=false", "adapt.self_training.steps=400",
-                     "adapt.self_training.mean_teacher=true"],
-    "reinhard+mean_teacher": ["adapt.stain=reinhard", "adapt.batchnorm=false", "adapt.self_training.steps=400",
-                              "adapt.self_training.mean_teacher=true"],
 }
+# self-training's online form: the same runs, labelled at every step by a moving average of the model
+ADAPTATIONS.update({name.replace("self_training", "mean_teacher"): [*overrides, "adapt.self_training.mean_teacher=true"]
+                    for name, overrides in list(ADAPTATIONS.items()) if name.endswith("self_training")})
 # each again with the operating point re-chosen on the run's val split after adapting
 ADAPTATIONS.update({f"{name}+val_point": [*overrides, "adapt.choose_point=true"]
                     for name, overrides in list(ADAPTATIONS.items()) if overrides is not None})

@@ -278,29 +278,28 @@ def main() -> None:
                     with context.Pool(1) as pool:
                         predictions, seconds, peak = pool.apply(child, ((
                             args.ckpt, [m["file_name"] for m in mosaics], preprocess, used, cut, args.threads),))
+                    def figures(truths, found):  # all cells and, as f1_interior, those away from the fields' edges
+                        return {**score(truths, found, classes, point, cfg.eval.iou_threshold, band),
+                                "f1_interior": score(*away_from_field_edges(truths, found, band), classes, point,
+                                                     cfg.eval.iou_threshold, band)["f1"]}
+
                     row = {"resample": factor, "fields": fields, "gap_cells": gap, "mode": mode, "images": len(mosaics),
-                           "size": f"{mosaics[0]['width']}x{mosaics[0]['height']}",
-                           **score(mosaics, predictions, classes, point, cfg.eval.iou_threshold, band),
+                           "size": f"{mosaics[0]['width']}x{mosaics[0]['height']}", **figures(mosaics, predictions),
                            "mp_per_s": sum(m["width"] * m["height"] for m in mosaics) / 1e6 / seconds,
                            "peak_rss_mb": peak}
                     row["count_error_per_field"] = row.pop("count_error") / (fields * len(mosaics))
-                    row["f1_interior"] = score(*away_from_field_edges(mosaics, predictions, band), classes, point,
-                                               cfg.eval.iou_threshold, band)["f1"]
                     if fields == 1:  # field i is mosaic i
                         single[(factor, mode)], single[factor] = predictions, mosaics
                     used_fields = [(i * fields + k) % len(records) for i in range(count) for k in range(fields)]
                     for reference in ("whole", "tiled"):  # the same fields predicted one by one, at this point
                         known = single.get((factor, reference))
-                        alone = None if known is None else score(
-                            [single[factor][i] for i in used_fields], [known[i] for i in used_fields], classes, point,
-                            cfg.eval.iou_threshold, band)
-                        row[f"f1_per_field_{reference}"] = None if alone is None else alone["f1"]
-                        row[f"extra_per_field_{reference}"] = None if alone is None else alone["extra"]
-                        row[f"extra_at_edges_per_field_{reference}"] = None if alone is None else alone["extra_at_edges"]
-                    known = single.get((factor, "tiled"))
-                    row["f1_per_field_interior_tiled"] = None if known is None else score(*away_from_field_edges(
-                        [single[factor][i] for i in used_fields], [known[i] for i in used_fields], band), classes,
-                        point, cfg.eval.iou_threshold, band)["f1"]
+                        alone = {} if known is None else figures([single[factor][i] for i in used_fields],
+                                                                 [known[i] for i in used_fields])
+                        row[f"f1_per_field_{reference}"] = alone.get("f1")
+                        row[f"extra_per_field_{reference}"] = alone.get("extra")
+                        row[f"extra_at_edges_per_field_{reference}"] = alone.get("extra_at_edges")
+                        if reference == "tiled":
+                            row["f1_per_field_interior_tiled"] = alone.get("f1_interior")
                     rows.append(row)
                     print(pd.DataFrame([row]).to_string(index=False, header=len(rows) == 1, float_format="%.3f"),
                           flush=True)

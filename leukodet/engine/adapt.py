@@ -165,9 +165,11 @@ def self_train(run_cfg: DictConfig, trained: DictConfig, module: DetectionModule
     if settings.get("mean_teacher"):
         # the teacher cuts its raw scores: a class bias moves counts at the point, not what is a cell
         teacher = MeanTeacher(replace(point, class_bias=(), source="mean teacher"), float(settings.ema_decay))
-        labelled = [{"file_name": str(image), "image_id": -1 - i, "width": size[0], "height": size[1],
-                     "annotations": [], "source": TARGET_SOURCE}
-                    for i, (image, size) in enumerate((image, image_size(image)) for image in images)]
+        labelled = []  # the new images, unlabelled: the teacher labels them batch by batch
+        for i, image in enumerate(images):
+            width, height = image_size(image)
+            labelled.append({"file_name": str(image), "image_id": -1 - i, "width": width, "height": height,
+                             "annotations": [], "source": TARGET_SOURCE})
         logger.info("mean teacher on %d new images (%s, weights averaged at %g a step); fine-tuning %d steps",
                     len(labelled), teacher.point.describe(), teacher.decay, settings.steps)
     else:
