@@ -35,6 +35,8 @@ ADAPTATIONS = {  # name: tools/adapt.py overrides (none: the checkpoint as train
     "reinhard+adabn": ["adapt.stain=reinhard", "adapt.batchnorm=true"],
     "self_training": ["adapt.stain=none", "adapt.batchnorm=false", "adapt.self_training.steps=400"],
     "reinhard+self_training": ["adapt.stain=reinhard", "adapt.batchnorm=false", "adapt.self_training.steps=400"],
+    "otsu_bias": ["adapt.stain=none", "adapt.batchnorm=false", "adapt.class_bias=otsu"],
+    "reinhard+otsu_bias": ["adapt.stain=reinhard", "adapt.batchnorm=false", "adapt.class_bias=otsu"],
 }
 # self-training's online form: the same runs, labelled at every step by a moving average of the model
 ADAPTATIONS.update({name.replace("self_training", "mean_teacher"): [*overrides, "adapt.self_training.mean_teacher=true"]

@@ -4,6 +4,7 @@ step, AdaBN, and `tools/adapt.py`'s adapted run, which every checkpoint tool tak
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -361,11 +362,54 @@ def test_mean_teacher_self_training_runs_from_the_tool(trained_run, tmp_path, mo
     assert tuned.self_training.mean_teacher  # a folder tuned offline is not resumed as a mean teacher's
 
 
+def test_the_class_boundary_moves_by_the_valley_of_the_new_images_margins(trained_run, tmp_path,  # noqa: F811
+                                                                        monkeypatch):
+    from leukodet.engine.adapt import adapt_run
+    from leukodet.engine.evaluate import operating_point, run_config
+    from leukodet.evaluation import boundary
+
+    # the 6-step detector is unsure of everything: every box it gives counts as a cell here
+    monkeypatch.setattr(boundary, "CELL_SCORE", 0.0)
+    checkpoint = trained_run / "run" / "checkpoints" / "last.ckpt"
+    new_scanner = tmp_path / "new_scanner"
+    new_scanner.mkdir()
+    for path in sorted((trained_run / "data" / "images").glob("*.jpg"))[:6]:
+        image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+        cv2.imwrite(str(new_scanner / path.name), cv2.cvtColor(other_scanner(image), cv2.COLOR_RGB2BGR))
+    adapted = adapt_run(compose(f"ckpt={checkpoint}", f"input={new_scanner}", "adapt.stain=none",
+                                "adapt.class_bias=otsu", config_name="adapt"), tmp_path / "adapted")
+
+    config = OmegaConf.load(tmp_path / "adapted" / "config.yaml")
+    saved = json.loads((adapted.parent / "thresholds.json").read_text())
+    shift = saved["class_bias_shift"]
+    trained = operating_point(run_config(compose(f"ckpt={checkpoint}", config_name="checkpoint")))
+    assert shift != 0 and saved["class_bias"] == [shift, 0.0]  # the share class (the first) moves, alone
+    assert (saved["min_confidence"], saved["nms"]) == (trained.min_confidence, trained.nms)
+    assert config.adapted.input == str(new_scanner.resolve())
+    assert config.adapted.class_bias.startswith(f"lymphoblast boundary moved {shift:+.2f} logits")
+    assert "of 6 new images" in config.adapted.class_bias
+    point = operating_point(run_config(compose(f"ckpt={adapted}", config_name="checkpoint")))
+    assert point.class_bias == (shift, 0.0)  # what evaluate and infer use
+
+    blank = tmp_path / "blank"  # no cell: no valley to find, and nothing written
+    blank.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(blank / f"{i}.png"), np.full((192, 256, 3), 235, np.uint8))
+    monkeypatch.setattr(boundary, "CELL_SCORE", 0.5)
+    refused = rf"adapt.class_bias=otsu: .* in 3 images of {re.escape(str(blank))}; .*at least 10"
+    with pytest.raises(ValueError, match=refused):
+        adapt_run(compose(f"ckpt={checkpoint}", f"input={blank}", "adapt.stain=none", "adapt.class_bias=otsu",
+                          config_name="adapt"), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["adapt.stain=none", "adapt.batchnorm=false"], "nothing to adapt"),
     (["adapt.stain=grey"], "adapt.stain=grey: use none, reinhard, macenko"),
-    (["input=null", "adapt.batchnorm=true"], "adapt.batchnorm and adapt.self_training need input=..."),
-    (["input=null", "adapt.self_training.steps=2"], "adapt.batchnorm and adapt.self_training need input=..."),
+    (["input=null", "adapt.batchnorm=true"], "adapt.batchnorm, adapt.self_training and adapt.class_bias need input="),
+    (["input=null", "adapt.self_training.steps=2"], "adapt.self_training and adapt.class_bias need input="),
+    (["input=null", "adapt.class_bias=otsu"], "adapt.class_bias need input=..."),
+    (["adapt.class_bias=prior"], "adapt.class_bias=prior: use none or otsu"),
 ])
 def test_adapt_refuses_what_it_cannot_do(trained_run, tmp_path, overrides, message):  # noqa: F811
     from leukodet.engine.adapt import adapt_run

@@ -35,16 +35,18 @@ from leukodet.data.imageio import image_size, read_image
 from leukodet.data.pipeline import ensure_prepared
 from leukodet.data.records import POLYGON, ImageRecord, Region
 from leukodet.data.via_export import mask_polygon
-from leukodet.engine.evaluate import (choose_on_val, load_detector, operating_point, predict_split, read_checkpoint,
-                                      run_config)
+from leukodet.engine.evaluate import (bias_class, choose_on_val, load_detector, operating_point, predict_split,
+                                      read_checkpoint, run_config)
 from leukodet.engine.inference.discovery import discover_images
 from leukodet.engine.module import DetectionModule
 from leukodet.engine.train import fit
+from leukodet.evaluation.boundary import boundary_shift, class_margins
+from leukodet.evaluation.sweep import load_thresholds, one_class_bias, save_thresholds
 from leukodet.io import atomic_write_text
 from leukodet.models.adapt import adapt_batchnorm
 from leukodet.preprocess.mapper import DatasetMapper
 from leukodet.preprocess.steps import STAIN_METHODS, fit_stain_reference
-from leukodet.structures import Detections, OperatingPoint
+from leukodet.structures import RAW, Detections, OperatingPoint
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +192,44 @@ def self_train(run_cfg: DictConfig, trained: DictConfig, module: DetectionModule
     return load_detector(result.last_checkpoint), teacher.cells if teacher else labelled_cells(labelled)
 
 
+def class_boundary_shift(run_cfg: DictConfig, module: DetectionModule, images: list[Path]) -> tuple[float, str]:
+    """How far to move the boundary between ``eval.share_class`` and the rest: as far as the valley
+    of the cells' class margins moved from the run's val split to ``images``, both predicted by
+    ``module`` through ``run_cfg``'s preprocessing (``evaluation.boundary``; no label of either is
+    read). Returns the shift (logits, for that class) and what was measured, in words."""
+    classes = get_metadata(split_name(run_cfg.data.name, "val"))["thing_classes"]
+    moved = bias_class(run_cfg, classes)
+    val = predict_split(run_cfg, module, get_dataset_dicts(split_name(run_cfg.data.name, "val")), RAW,
+                        "class margins, val")
+    new = predict_split(run_cfg, module, [{"file_name": str(p), "image_id": i} for i, p in enumerate(images)], RAW,
+                        "class margins, new images")
+    reference, target = class_margins(val, moved), class_margins(new, moved)
+    try:
+        shift = boundary_shift(reference, target)
+    except ValueError as err:
+        raise ValueError(f"adapt.class_bias=otsu: {len(reference)} cells in the val split, {len(target)} in "
+                         f"{len(images)} images of {run_cfg.input}; {err}") from None
+    return shift, (f"{classes[moved]} boundary moved {shift:+.2f} logits (the valley of the class margins: "
+                   f"{len(reference)} cells of the val split, {len(target)} of {len(images)} new images)")
+
+
+def add_class_bias(cfg: DictConfig, checkpoint: Path, shift: float) -> OperatingPoint:
+    """``shift`` added to the class bias of ``checkpoint``'s point on ``eval.share_class``, written to
+    the ``thresholds.json`` beside it; returns the new point."""
+    run_cfg = run_config(OmegaConf.merge(cfg, {"ckpt": str(checkpoint)}))
+    classes = get_metadata(split_name(run_cfg.data.name, "val"))["thing_classes"]
+    point = operating_point(run_cfg)
+    moved = one_class_bias(shift, bias_class(run_cfg, classes), len(classes))
+    point = replace(point, class_bias=tuple(b + m for b, m in zip(point.class_bias or [0.0] * len(classes), moved)),
+                    source="the class boundary moved to the new images (adapt.class_bias=otsu)")
+    saved = load_thresholds(checkpoint.parent / "thresholds.json") or {}
+    save_thresholds(checkpoint.parent / "thresholds.json",
+                    {**saved, "min_confidence": point.min_confidence, "nms": point.nms,
+                     "max_detections": point.max_detections, "cross_class_nms": point.cross_class_nms,
+                     "class_bias": list(point.class_bias), "class_bias_shift": shift})
+    return point
+
+
 def labelled_cells(records: list[dict]) -> int:
     return sum(len(record["annotations"]) for record in records)
 
@@ -203,12 +243,15 @@ def adapt_run(cfg: DictConfig, out_dir: str | Path) -> Path:
     tuning_steps = int(settings.self_training.steps)
     if settings.stain not in ("none", *STAIN_METHODS):
         raise ValueError(f"adapt.stain={settings.stain}: use none, {', '.join(STAIN_METHODS)}")
-    if settings.stain == "none" and not settings.batchnorm and not tuning_steps:
-        raise ValueError("nothing to adapt: give adapt.stain=reinhard|macenko, adapt.batchnorm=true and/or "
-                         "adapt.self_training.steps=N")
-    if (settings.batchnorm or tuning_steps) and not cfg.get("input"):
-        raise ValueError("adapt.batchnorm and adapt.self_training need input=...: a folder of the new acquisition's "
-                         "images (no labels needed)")
+    if settings.stain == "none" and not settings.batchnorm and not tuning_steps and settings.class_bias == "none":
+        raise ValueError("nothing to adapt: give adapt.stain=reinhard|macenko, adapt.batchnorm=true, "
+                         "adapt.self_training.steps=N and/or adapt.class_bias=otsu")
+    if settings.class_bias not in ("none", "otsu"):
+        raise ValueError(f"adapt.class_bias={settings.class_bias}: use none or otsu")
+    reads_input = bool(settings.batchnorm or tuning_steps or settings.class_bias != "none")
+    if reads_input and not cfg.get("input"):
+        raise ValueError("adapt.batchnorm, adapt.self_training and adapt.class_bias need input=...: a folder of the "
+                         "new acquisition's images (no labels needed)")
     run_cfg = run_config(cfg)
     checkpoint = Path(cfg.ckpt)
     trained = OmegaConf.load(checkpoint.parent.parent / "config.yaml")
@@ -229,9 +272,12 @@ def adapt_run(cfg: DictConfig, out_dir: str | Path) -> Path:
         used = adapt_batchnorm(module.adapter, (mapper.map_image(path) for path in tqdm(
             images, desc="BatchNorm statistics", unit="img")))
         logger.info("BatchNorm statistics re-estimated on %d images of %s", used, cfg.input)
+    run_cfg.preprocess = trained.preprocess  # the new images seen as the adapted run will see them
     if tuning_steps:
-        run_cfg.preprocess = trained.preprocess  # the new images labelled as the adapted run will see them
         module, cells = self_train(run_cfg, trained, module, images, settings.self_training, out_dir / "self_training")
+    if settings.class_bias == "otsu":  # measured before anything is written: too few cells stops here
+        shift, measured = class_boundary_shift(run_cfg, module, images)
+        logger.info("%s", measured)
     state = read_checkpoint(checkpoint)
     state["state_dict"] = {key: value.cpu() for key, value in module.state_dict().items()}
     for key in TRAINING_ONLY:
@@ -242,12 +288,12 @@ def adapt_run(cfg: DictConfig, out_dir: str | Path) -> Path:
     if (checkpoint.parent / "thresholds.json").is_file():  # the run's chosen point, until a sweep here replaces it
         shutil.copy(checkpoint.parent / "thresholds.json", adapted.parent / "thresholds.json")
     trained.adapted = {"from": str(checkpoint.resolve()),
-                       "input": str(Path(cfg.input).resolve()) if used or tuning_steps else None,
+                       "input": str(Path(cfg.input).resolve()) if reads_input else None,
                        "stain": settings.stain, "batchnorm_images": used, "self_training_steps": tuning_steps,
                        "self_training": ("mean teacher" if settings.self_training.get("mean_teacher") else "offline")
                        if tuning_steps else None,
                        "pseudo_labelled_images": len(images) if tuning_steps else 0, "pseudo_labelled_cells": cells,
-                       "point": "the trained run's"}
+                       "point": "the trained run's", "class_bias": None}
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(trained, resolve=True))
     if settings.choose_point:
         # self-training and AdaBN move the scores, so the trained run's point may no longer fit: choose
@@ -256,6 +302,10 @@ def adapt_run(cfg: DictConfig, out_dir: str | Path) -> Path:
         adapted_cfg = run_config(OmegaConf.merge(cfg, {"ckpt": str(adapted)}))
         point, _ = choose_on_val(adapted_cfg, load_detector(adapted), adapted, out_dir)
         trained.adapted.point = f"chosen again on val after adapting: {point.describe()}"
+        atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(trained, resolve=True))
+    if settings.class_bias == "otsu":  # after any new choice on val: the boundary moves from that point
+        point = add_class_bias(cfg, adapted, shift)
+        trained.adapted.class_bias = f"{measured}; class bias {list(point.class_bias)}"
         atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(trained, resolve=True))
     logger.info("adapted checkpoint: %s", adapted)
     return adapted
