@@ -385,6 +385,8 @@ def test_the_class_boundary_moves_by_the_valley_of_the_new_images_margins(traine
     trained = operating_point(run_config(compose(f"ckpt={checkpoint}", config_name="checkpoint")))
     assert shift != 0 and saved["class_bias"] == [shift, 0.0]  # the share class (the first) moves, alone
     assert (saved["min_confidence"], saved["nms"]) == (trained.min_confidence, trained.nms)
+    # one class a cell: the bias would otherwise lift a hesitant cell's second box over the min confidence
+    assert trained.cross_class_nms is None and saved["cross_class_nms"] == boundary.SAME_CELL_IOU
     assert config.adapted.input == str(new_scanner.resolve())
     assert config.adapted.class_bias.startswith(f"lymphoblast boundary moved {shift:+.2f} logits")
     assert "of 6 new images" in config.adapted.class_bias

@@ -40,7 +40,7 @@ from leukodet.engine.evaluate import (bias_class, choose_on_val, load_detector, 
 from leukodet.engine.inference.discovery import discover_images
 from leukodet.engine.module import DetectionModule
 from leukodet.engine.train import fit
-from leukodet.evaluation.boundary import boundary_shift, class_margins
+from leukodet.evaluation.boundary import SAME_CELL_IOU, boundary_shift, class_margins
 from leukodet.evaluation.sweep import load_thresholds, one_class_bias, save_thresholds
 from leukodet.io import atomic_write_text
 from leukodet.models.adapt import adapt_batchnorm
@@ -215,12 +215,15 @@ def class_boundary_shift(run_cfg: DictConfig, module: DetectionModule, images: l
 
 def add_class_bias(cfg: DictConfig, checkpoint: Path, shift: float) -> OperatingPoint:
     """``shift`` added to the class bias of ``checkpoint``'s point on ``eval.share_class``, written to
-    the ``thresholds.json`` beside it; returns the new point."""
+    the ``thresholds.json`` beside it; returns the new point. A point that suppresses only within
+    classes now suppresses across them too, at the overlap the margins took for one cell: the bias
+    lifts a hesitant cell's second box over the min confidence, and the cell would count twice."""
     run_cfg = run_config(OmegaConf.merge(cfg, {"ckpt": str(checkpoint)}))
     classes = get_metadata(split_name(run_cfg.data.name, "val"))["thing_classes"]
     point = operating_point(run_cfg)
     moved = one_class_bias(shift, bias_class(run_cfg, classes), len(classes))
     point = replace(point, class_bias=tuple(b + m for b, m in zip(point.class_bias or [0.0] * len(classes), moved)),
+                    cross_class_nms=SAME_CELL_IOU if point.cross_class_nms is None else point.cross_class_nms,
                     source="the class boundary moved to the new images (adapt.class_bias=otsu)")
     saved = load_thresholds(checkpoint.parent / "thresholds.json") or {}
     save_thresholds(checkpoint.parent / "thresholds.json",
