@@ -40,7 +40,7 @@ from leukodet.engine.evaluate import (bias_class, choose_on_val, load_detector, 
 from leukodet.engine.inference.discovery import discover_images
 from leukodet.engine.module import DetectionModule
 from leukodet.engine.train import fit
-from leukodet.evaluation.boundary import SAME_CELL_IOU, boundary_shift, class_margins
+from leukodet.evaluation.boundary import MIN_CELLS, ROUGH_CELLS, SAME_CELL_IOU, boundary_shift, class_margins
 from leukodet.evaluation.sweep import load_thresholds, one_class_bias, save_thresholds
 from leukodet.io import atomic_write_text
 from leukodet.models.adapt import adapt_batchnorm
@@ -204,6 +204,10 @@ def class_boundary_shift(run_cfg: DictConfig, module: DetectionModule, images: l
     new = predict_split(run_cfg, module, [{"file_name": str(p), "image_id": i} for i, p in enumerate(images)], RAW,
                         "class margins, new images")
     reference, target = class_margins(val, moved), class_margins(new, moved)
+    for name, margins in (("the val split", reference), (str(run_cfg.input), target)):
+        if MIN_CELLS <= len(margins) < ROUGH_CELLS:
+            logger.warning("adapt.class_bias=otsu: %d cells in %s place the valley of the class margins roughly; "
+                           "%d or more place it better", len(margins), name, ROUGH_CELLS)
     try:
         shift = boundary_shift(reference, target)
     except ValueError as err:

@@ -25,6 +25,7 @@ ABSENT_SCORE = 1e-3  # a class with no detection on a cell: far below any kept s
 CELL_SCORE = 0.5  # a cell is a detection above this, of any class
 SAME_CELL_IOU = 0.5  # detections of two classes on one cell overlap at least this much
 MIN_CELLS = 10  # fewer margins cannot show two groups
+ROUGH_CELLS = 30  # fewer margins place the valley roughly (README, Adapting to a new scanner)
 
 
 def class_margins(predictions: Sequence[ImagePredictions], bias_class: int) -> np.ndarray:
