@@ -45,6 +45,15 @@ def other_scanner(image: np.ndarray) -> np.ndarray:
     return np.clip(shifted, 0, 255).astype(np.uint8)
 
 
+def as_another_scanner_saw_them(run: Path, folder: Path, n: int) -> Path:
+    """``folder`` holding the first ``n`` of ``run``'s generated smears as ``other_scanner`` sees them."""
+    folder.mkdir()
+    for path in sorted((run / "data" / "images").glob("*.jpg"))[:n]:
+        image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+        cv2.imwrite(str(folder / path.name), cv2.cvtColor(other_scanner(image), cv2.COLOR_RGB2BGR))
+    return folder
+
+
 def test_reinhard_maps_another_scanners_colours_onto_the_training_images(smears):
     reference = fit_stain_reference(smears[:4], "reinhard")
     typical = np.mean([lab_statistics(image) for image in smears[:4]], axis=0)
@@ -138,11 +147,7 @@ def test_adapted_run_is_a_run_evaluate_and_infer_take(trained_run, tmp_path):  #
     from leukodet.engine.inference import run_inference
 
     checkpoint = trained_run / "run" / "checkpoints" / "last.ckpt"
-    new_scanner = tmp_path / "new_scanner"
-    new_scanner.mkdir()
-    for path in sorted((trained_run / "data" / "images").glob("*.jpg"))[:5]:
-        image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
-        cv2.imwrite(str(new_scanner / path.name), cv2.cvtColor(other_scanner(image), cv2.COLOR_RGB2BGR))
+    new_scanner = as_another_scanner_saw_them(trained_run, tmp_path / "new_scanner", 5)
     adapted = adapt_run(compose(f"ckpt={checkpoint}", f"input={new_scanner}", "adapt.stain=reinhard",
                                 "adapt.batchnorm=true", "adapt.images=3", "adapt.choose_point=true", config_name="adapt"),
                         tmp_path / "adapted")
@@ -371,11 +376,7 @@ def test_the_class_boundary_moves_by_the_valley_of_the_new_images_margins(traine
     # the 6-step detector is unsure of everything: every box it gives counts as a cell here
     monkeypatch.setattr(boundary, "CELL_SCORE", 0.0)
     checkpoint = trained_run / "run" / "checkpoints" / "last.ckpt"
-    new_scanner = tmp_path / "new_scanner"
-    new_scanner.mkdir()
-    for path in sorted((trained_run / "data" / "images").glob("*.jpg"))[:6]:
-        image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
-        cv2.imwrite(str(new_scanner / path.name), cv2.cvtColor(other_scanner(image), cv2.COLOR_RGB2BGR))
+    new_scanner = as_another_scanner_saw_them(trained_run, tmp_path / "new_scanner", 6)
     adapted = adapt_run(compose(f"ckpt={checkpoint}", f"input={new_scanner}", "adapt.stain=none",
                                 "adapt.class_bias=otsu", config_name="adapt"), tmp_path / "adapted")
 
