@@ -3,8 +3,9 @@
 Takes a finished `crossval.by=source` run (each fold trained on one acquisition, its test split the
 other, its operating point chosen on a val split of its own acquisition) and, for each fold and
 each adaptation, runs the user's commands: `tools/adapt.py` on the held-out acquisition's image
-folder (unlabelled: AdaBN and self-training read pixels only), then `tools/evaluate.py split=test` on the adapted
-checkpoint at the fold's val-chosen point. The baseline is the same evaluation of the unadapted
+folder (unlabelled: AdaBN, self-training and the class boundary read pixels only), then `tools/evaluate.py
+split=test` on the adapted checkpoint at the fold's val-chosen point (its class bias moved where the
+adaptation moves it). The baseline is the same evaluation of the unadapted
 checkpoint. Nothing is chosen on the held-out images.
 
     python tools/crossval.py data=segmentation_wbc crossval.by=source train=cpu_10min model.min_size=256 model.max_size=320

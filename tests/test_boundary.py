@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from leukodet.evaluation.boundary import MARGIN_LIMIT, boundary_shift, class_margins, otsu_threshold
+from leukodet.evaluation.boundary import MARGIN_LIMIT, class_margins, otsu_threshold
 from leukodet.structures import ImagePredictions, OperatingPoint, logit, refilter
 
 LYMPHOCYTE, OTHER = 0, 1
@@ -58,7 +58,8 @@ def test_the_shift_puts_a_new_scanners_lymphocytes_back_on_their_side():
     val = acquisition(10, 30, (0.9, 0.2), (0.05, 0.95))
     new = acquisition(25, 25, (0.3, 0.8), (0.01, 0.97))
     truth = [LYMPHOCYTE] * 25 + [OTHER] * 25
-    shift = boundary_shift(class_margins(val, LYMPHOCYTE), class_margins(new, LYMPHOCYTE))
+    # the move of the valley from the trained acquisition's margins to the new one's (adapt.class_bias=otsu)
+    shift = otsu_threshold(class_margins(val, LYMPHOCYTE)) - otsu_threshold(class_margins(new, LYMPHOCYTE))
     assert 3 < shift < 5
 
     def called(bias: float) -> list[int]:
@@ -68,5 +69,5 @@ def test_the_shift_puts_a_new_scanners_lymphocytes_back_on_their_side():
     assert called(0.0) == [[OTHER]] * 50  # unadapted: every lymphocyte called "other"
     assert called(shift) == [[label] for label in truth]
     # the trained acquisition against itself: no shift
-    itself = boundary_shift(class_margins(val, LYMPHOCYTE), class_margins(val[5:], LYMPHOCYTE))
+    itself = otsu_threshold(class_margins(val, LYMPHOCYTE)) - otsu_threshold(class_margins(val[5:], LYMPHOCYTE))
     assert itself == pytest.approx(0, abs=0.1)

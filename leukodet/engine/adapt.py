@@ -1,12 +1,14 @@
 """`tools/adapt.py`: a trained run adapted to a new acquisition from its unlabelled images.
 
-Three options, each measured by leaving one acquisition out in both directions (README, Adapting to
+Four options, each measured by leaving one acquisition out in both directions (README, Adapting to
 a new scanner): a stain normalization step mapping every image's colours onto the training images'
 (``preprocess.steps.stain_normalize``, its reference fitted here on the run's train split), AdaBN
 (``models.adapt.adapt_batchnorm``: the backbone's BatchNorm statistics re-estimated on the new
 images), and pseudo-label self-training (``self_train``: the model's confident detections on the new
 images become their labels, and it is fine-tuned on them with its own train split; offline, one
-round, or online with a mean teacher, ``MeanTeacher``). The result is a
+round, or online with a mean teacher, ``MeanTeacher``), and the class boundary moved to the new
+images (``class_boundary_shift``: the valley of the cells' class margins, ``evaluation.boundary``,
+added to the point's class bias). The result is a
 run directory like a trained one: ``config.yaml`` (the run's, with the stain step in its
 preprocessing and an ``adapted`` block saying what was done) and ``checkpoints/<name>.ckpt`` (the
 adapted weights) beside a copy of ``thresholds.json``, so evaluate, count_table, infer and export
@@ -36,11 +38,11 @@ from leukodet.data.pipeline import ensure_prepared
 from leukodet.data.records import POLYGON, ImageRecord, Region
 from leukodet.data.via_export import mask_polygon
 from leukodet.engine.evaluate import (bias_class, choose_on_val, load_detector, operating_point, predict_split,
-                                      read_checkpoint, run_config)
+                                      read_checkpoint, require_bias_per_class, run_config)
 from leukodet.engine.inference.discovery import discover_images
 from leukodet.engine.module import DetectionModule
 from leukodet.engine.train import fit
-from leukodet.evaluation.boundary import MIN_CELLS, ROUGH_CELLS, SAME_CELL_IOU, boundary_shift, class_margins
+from leukodet.evaluation.boundary import MIN_CELLS, ROUGH_CELLS, SAME_CELL_IOU, class_margins, otsu_threshold
 from leukodet.evaluation.sweep import load_thresholds, one_class_bias, save_thresholds
 from leukodet.io import atomic_write_text
 from leukodet.models.adapt import adapt_batchnorm
@@ -198,21 +200,25 @@ def class_boundary_shift(run_cfg: DictConfig, module: DetectionModule, images: l
     ``module`` through ``run_cfg``'s preprocessing (``evaluation.boundary``; no label of either is
     read). Returns the shift (logits, for that class) and what was measured, in words."""
     classes = get_metadata(split_name(run_cfg.data.name, "val"))["thing_classes"]
+    if len(classes) < 2:
+        raise ValueError(f"adapt.class_bias=otsu: the run has one class ({classes[0]}); there is no boundary between "
+                         f"classes to move")
     moved = bias_class(run_cfg, classes)
     val = predict_split(run_cfg, module, get_dataset_dicts(split_name(run_cfg.data.name, "val")), RAW,
                         "class margins, val")
     new = predict_split(run_cfg, module, [{"file_name": str(p), "image_id": i} for i, p in enumerate(images)], RAW,
                         "class margins, new images")
     reference, target = class_margins(val, moved), class_margins(new, moved)
-    for name, margins in (("the val split", reference), (str(run_cfg.input), target)):
+    valleys = []
+    for name, margins in (("the val split", reference), (f"{len(images)} images of {run_cfg.input}", target)):
         if MIN_CELLS <= len(margins) < ROUGH_CELLS:
             logger.warning("adapt.class_bias=otsu: %d cells in %s place the valley of the class margins roughly; "
                            "%d or more place it better", len(margins), name, ROUGH_CELLS)
-    try:
-        shift = boundary_shift(reference, target)
-    except ValueError as err:
-        raise ValueError(f"adapt.class_bias=otsu: {len(reference)} cells in the val split, {len(target)} in "
-                         f"{len(images)} images of {run_cfg.input}; {err}") from None
+        try:
+            valleys.append(otsu_threshold(margins))
+        except ValueError as err:
+            raise ValueError(f"adapt.class_bias=otsu: {name}: {err}") from None
+    shift = valleys[0] - valleys[1]  # the boundary keeps its place relative to the two groups
     return shift, (f"{classes[moved]} boundary moved {shift:+.2f} logits (the valley of the class margins: "
                    f"{len(reference)} cells of the val split, {len(target)} of {len(images)} new images)")
 
@@ -225,6 +231,7 @@ def add_class_bias(cfg: DictConfig, checkpoint: Path, shift: float) -> Operating
     run_cfg = run_config(OmegaConf.merge(cfg, {"ckpt": str(checkpoint)}))
     classes = get_metadata(split_name(run_cfg.data.name, "val"))["thing_classes"]
     point = operating_point(run_cfg)
+    require_bias_per_class(point, classes)
     moved = one_class_bias(shift, bias_class(run_cfg, classes), len(classes))
     point = replace(point, class_bias=tuple(b + m for b, m in zip(point.class_bias or [0.0] * len(classes), moved)),
                     cross_class_nms=SAME_CELL_IOU if point.cross_class_nms is None else point.cross_class_nms,
@@ -233,7 +240,8 @@ def add_class_bias(cfg: DictConfig, checkpoint: Path, shift: float) -> Operating
     save_thresholds(checkpoint.parent / "thresholds.json",
                     {**saved, "min_confidence": point.min_confidence, "nms": point.nms,
                      "max_detections": point.max_detections, "cross_class_nms": point.cross_class_nms,
-                     "class_bias": list(point.class_bias), "class_bias_shift": shift})
+                     "class_bias": list(point.class_bias), "class_bias_shift": shift,
+                     "class_bias_from": "adapt.class_bias=otsu (unlabelled new images)"})
     return point
 
 
@@ -243,7 +251,8 @@ def labelled_cells(records: list[dict]) -> int:
 
 def adapt_run(cfg: DictConfig, out_dir: str | Path) -> Path:
     """Adapt ``ckpt``'s run to a new acquisition (``adapt.stain``, ``adapt.batchnorm``,
-    ``adapt.self_training``: the last two read the images under ``input``) and write the adapted run
+    ``adapt.self_training``, ``adapt.class_bias``: all but the first read the images under ``input``) and
+    write the adapted run
     into ``out_dir``; returns the adapted checkpoint's path. Stain normalization reads no new image:
     each is mapped onto the training reference alone when it is predicted."""
     settings, out_dir = cfg.adapt, Path(out_dir)
@@ -262,6 +271,11 @@ def adapt_run(cfg: DictConfig, out_dir: str | Path) -> Path:
     run_cfg = run_config(cfg)
     checkpoint = Path(cfg.ckpt)
     trained = OmegaConf.load(checkpoint.parent.parent / "config.yaml")
+    if settings.class_bias != "none" and trained.get("adapted", {}).get("class_bias"):
+        # its margins are measured on raw scores again: a second shift would add the same move twice
+        raise ValueError(f"adapt.class_bias={settings.class_bias}: {checkpoint} already has its class boundary "
+                         f"moved ({trained.adapted.class_bias}); adapt the checkpoint it came from: "
+                         f"{trained.adapted['from']}")
     images = sample(discover_images(cfg.input)[1], int(settings.images), int(cfg.seed)) if cfg.get("input") else []
     ensure_prepared(run_cfg.data)  # the train split: the stain reference's images, self-training's labelled half
     if settings.stain != "none":
@@ -282,7 +296,7 @@ def adapt_run(cfg: DictConfig, out_dir: str | Path) -> Path:
     run_cfg.preprocess = trained.preprocess  # the new images seen as the adapted run will see them
     if tuning_steps:
         module, cells = self_train(run_cfg, trained, module, images, settings.self_training, out_dir / "self_training")
-    if settings.class_bias == "otsu":  # measured before anything is written: too few cells stops here
+    if settings.class_bias == "otsu":  # measured before the adapted run is written: too few cells stop here
         shift, measured = class_boundary_shift(run_cfg, module, images)
         logger.info("%s", measured)
     state = read_checkpoint(checkpoint)

@@ -5,7 +5,7 @@ margins (Otsu's threshold).
 On another scanner a model still finds the cells and ranks them within each class, but the boundary
 between classes moves (README, Cross-validation): trained on one acquisition, the lymphocytes of the
 other sit at lower margins. ``adapt.class_bias=otsu`` moves the boundary by as much as the valley of
-the margins moved from the run's val split to the new images (``boundary_shift``), so the boundary
+the margins moved from the run's val split to the new images (``engine.adapt``), so the boundary
 keeps its place relative to the two groups, whatever their sizes (the share of lymphocytes differs
 between labs, so matching the share of each class would move it wrongly).
 """
@@ -40,10 +40,10 @@ def class_margins(predictions: Sequence[ImagePredictions], bias_class: int) -> n
             continue
         overlap = box_iou(torch.from_numpy(found.boxes).float(), torch.from_numpy(found.boxes).float()).numpy()
         taken = np.zeros(len(found), bool)
-        for seed in np.argsort(-found.scores, kind="stable"):
-            if taken[seed] or found.scores[seed] <= CELL_SCORE:
+        for top in np.argsort(-found.scores, kind="stable"):
+            if taken[top] or found.scores[top] <= CELL_SCORE:
                 continue
-            cell = (overlap[seed] > SAME_CELL_IOU) & ~taken
+            cell = (overlap[top] > SAME_CELL_IOU) & ~taken
             taken |= cell
             mine = found.labels[cell] == bias_class
             own = found.scores[cell][mine].max(initial=ABSENT_SCORE)
@@ -69,8 +69,3 @@ def otsu_threshold(margins: np.ndarray) -> float:
     split = int(np.argmax(between))
     return float((values[split] + values[split + 1]) / 2)
 
-
-def boundary_shift(reference: np.ndarray, target: np.ndarray) -> float:
-    """The class bias (logits) that moves the boundary on ``target`` margins by as much as their
-    valley moved from the ``reference`` margins'."""
-    return otsu_threshold(reference) - otsu_threshold(target)
