@@ -257,6 +257,12 @@ def main() -> None:
     print(f"{args.ckpt}: {len(records)} fields ({' + '.join(args.split)}, {args.source or 'all sources'}) of "
           f"{cfg.data.name}, cells {field_cell_px:.1f} px; trained at {trained.as_dict()}; {point.describe()}")
     preprocess = OmegaConf.to_container(cfg.preprocess, resolve=True)
+
+    def figures(truths, found, band):  # all cells and, as f1_interior, those away from the fields' edges
+        return {**score(truths, found, classes, point, cfg.eval.iou_threshold, band),
+                "f1_interior": score(*away_from_field_edges(truths, found, band), classes, point,
+                                     cfg.eval.iou_threshold, band)["f1"]}
+
     context = multiprocessing.get_context("spawn")
     rows, single = [], {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -278,13 +284,9 @@ def main() -> None:
                     with context.Pool(1) as pool:
                         predictions, seconds, peak = pool.apply(child, ((
                             args.ckpt, [m["file_name"] for m in mosaics], preprocess, used, cut, args.threads),))
-                    def figures(truths, found):  # all cells and, as f1_interior, those away from the fields' edges
-                        return {**score(truths, found, classes, point, cfg.eval.iou_threshold, band),
-                                "f1_interior": score(*away_from_field_edges(truths, found, band), classes, point,
-                                                     cfg.eval.iou_threshold, band)["f1"]}
-
                     row = {"resample": factor, "fields": fields, "gap_cells": gap, "mode": mode, "images": len(mosaics),
-                           "size": f"{mosaics[0]['width']}x{mosaics[0]['height']}", **figures(mosaics, predictions),
+                           "size": f"{mosaics[0]['width']}x{mosaics[0]['height']}",
+                           **figures(mosaics, predictions, band),
                            "mp_per_s": sum(m["width"] * m["height"] for m in mosaics) / 1e6 / seconds,
                            "peak_rss_mb": peak}
                     row["count_error_per_field"] = row.pop("count_error") / (fields * len(mosaics))
@@ -294,7 +296,7 @@ def main() -> None:
                     for reference in ("whole", "tiled"):  # the same fields predicted one by one, at this point
                         known = single.get((factor, reference))
                         alone = {} if known is None else figures([single[factor][i] for i in used_fields],
-                                                                 [known[i] for i in used_fields])
+                                                                 [known[i] for i in used_fields], band)
                         row[f"f1_per_field_{reference}"] = alone.get("f1")
                         row[f"extra_per_field_{reference}"] = alone.get("extra")
                         row[f"extra_at_edges_per_field_{reference}"] = alone.get("extra_at_edges")

@@ -75,14 +75,20 @@ def with_stain_step(preprocess: DictConfig, method: str, reference: dict) -> Dic
     return OmegaConf.create(adapted)
 
 
+def predict_images(run_cfg: DictConfig, module: DetectionModule, images: list[Path], point: OperatingPoint,
+                   desc: str) -> list:
+    """``module``'s predictions on image files (no record of theirs), cut at ``point``."""
+    return predict_split(run_cfg, module, [{"file_name": str(p), "image_id": i} for i, p in enumerate(images)], point,
+                         desc)
+
+
 def pseudo_labels(run_cfg: DictConfig, module: DetectionModule, images: list[Path], point: OperatingPoint,
                   path: Path) -> list[dict]:
     """``images`` labelled by ``module``'s detections at ``point`` (each mask's largest part as its
     outline, as a person would click it), written as COCO to ``path`` for a look, and returned as
     dataset dicts for training."""
     classes = get_metadata(split_name(run_cfg.data.name, "train"))["thing_classes"]
-    predictions = predict_split(run_cfg, module, [{"file_name": str(p), "image_id": i} for i, p in enumerate(images)],
-                                point, "pseudo-labels")
+    predictions = predict_images(run_cfg, module, images, point, "pseudo-labels")
     records = []
     for image, prediction in zip(images, predictions):
         outlines = [(label, mask_polygon(mask_utils.decode(rle))) for label, rle in
@@ -206,8 +212,7 @@ def class_boundary_shift(run_cfg: DictConfig, module: DetectionModule, images: l
     moved = bias_class(run_cfg, classes)
     val = predict_split(run_cfg, module, get_dataset_dicts(split_name(run_cfg.data.name, "val")), RAW,
                         "class margins, val")
-    new = predict_split(run_cfg, module, [{"file_name": str(p), "image_id": i} for i, p in enumerate(images)], RAW,
-                        "class margins, new images")
+    new = predict_images(run_cfg, module, images, RAW, "class margins, new images")
     reference, target = class_margins(val, moved), class_margins(new, moved)
     valleys = []
     for name, margins in (("the val split", reference), (f"{len(images)} images of {run_cfg.input}", target)):
@@ -223,12 +228,12 @@ def class_boundary_shift(run_cfg: DictConfig, module: DetectionModule, images: l
                    f"{len(reference)} cells of the val split, {len(target)} of {len(images)} new images)")
 
 
-def add_class_bias(cfg: DictConfig, checkpoint: Path, shift: float) -> OperatingPoint:
+def add_class_bias(run_cfg: DictConfig, checkpoint: Path, shift: float) -> OperatingPoint:
     """``shift`` added to the class bias of ``checkpoint``'s point on ``eval.share_class``, written to
     the ``thresholds.json`` beside it; returns the new point. A point that suppresses only within
     classes now suppresses across them too, at the overlap the margins took for one cell: the bias
-    lifts a hesitant cell's second box over the min confidence, and the cell would count twice."""
-    run_cfg = run_config(OmegaConf.merge(cfg, {"ckpt": str(checkpoint)}))
+    lifts a hesitant cell's second box over the min confidence, and the cell would count twice.
+    ``run_cfg``: the adapted run's (``run_config`` of ``checkpoint``)."""
     classes = get_metadata(split_name(run_cfg.data.name, "val"))["thing_classes"]
     point = operating_point(run_cfg)
     require_bias_per_class(point, classes)
@@ -316,17 +321,18 @@ def adapt_run(cfg: DictConfig, out_dir: str | Path) -> Path:
                        "pseudo_labelled_images": len(images) if tuning_steps else 0, "pseudo_labelled_cells": cells,
                        "point": "the trained run's", "class_bias": None}
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(trained, resolve=True))
+    if settings.choose_point or settings.class_bias == "otsu":
+        adapted_cfg = run_config(OmegaConf.merge(cfg, {"ckpt": str(adapted)}))  # reads the config.yaml just written
     if settings.choose_point:
         # self-training and AdaBN move the scores, so the trained run's point may no longer fit: choose
         # it again on the run's val split as the adapted model sees it (the training acquisition's
         # labels; not one of the new images' is read)
-        adapted_cfg = run_config(OmegaConf.merge(cfg, {"ckpt": str(adapted)}))
         point, _ = choose_on_val(adapted_cfg, load_detector(adapted), adapted, out_dir)
         trained.adapted.point = f"chosen again on val after adapting: {point.describe()}"
-        atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(trained, resolve=True))
     if settings.class_bias == "otsu":  # after any new choice on val: the boundary moves from that point
-        point = add_class_bias(cfg, adapted, shift)
+        point = add_class_bias(adapted_cfg, adapted, shift)
         trained.adapted.class_bias = f"{measured}; class bias {list(point.class_bias)}"
+    if settings.choose_point or settings.class_bias == "otsu":
         atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(trained, resolve=True))
     logger.info("adapted checkpoint: %s", adapted)
     return adapted
