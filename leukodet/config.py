@@ -106,7 +106,8 @@ class EvalConfig:
     sweep_min_confidence: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9])
     sweep_nms: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.5])
     # logit biases tried for the share class's scores (the others stay 0): where the boundary between
-    # it and the rest lies. [0.0]: the model's own boundary
+    # it and the rest lies. [0.0]: the model's own boundary. A biased point suppresses across classes
+    # at 0.5 when cross_class_nms is null (the bias lifts a hesitant cell's second box: one class a cell)
     sweep_class_bias: list[float] = field(default_factory=lambda: [0.0])
     sweep_metric: str = "f1"  # a METRICS name
     # tools/count_table.py: count accuracy per image at each of these (the RBC paper's table)

@@ -21,6 +21,7 @@ from torchvision.ops import batched_nms, nms
 # image: a threshold sweep re-filters them instead of re-running the model.
 RAW_SCORE_FLOOR = 0.05
 RAW_MAX_DETECTIONS = 1000
+SAME_CELL_IOU = 0.5  # detections of two classes on one cell overlap at least this much
 
 
 def scoring_floor(min_confidence: float, floor: float = RAW_SCORE_FLOOR) -> float:
@@ -57,6 +58,14 @@ class OperatingPoint:
         all scores; the evaluator applies min confidence itself, and NMS and cap commute with a
         higher score cut, so the point's own figures are unchanged)."""
         return replace(self, min_confidence=scoring_floor(self.min_confidence))
+
+    def with_bias_suppression(self) -> "OperatingPoint":
+        """This point, suppressing across classes at ``SAME_CELL_IOU`` when a class bias moves its
+        boundary and it sets no ``cross_class_nms`` of its own: the bias lifts a hesitant cell's box
+        of the other class over the min confidence, and the cell would count twice."""
+        if not any(self.class_bias) or self.cross_class_nms is not None:
+            return self
+        return replace(self, cross_class_nms=SAME_CELL_IOU)
 
     def detector_cut(self) -> "OperatingPoint":
         """The point a detector may cut its own output at so that ``refilter`` at this point gives

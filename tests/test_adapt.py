@@ -20,7 +20,7 @@ from conftest import REPO, compose
 from leukodet.models.adapt import adapt_batchnorm, running_statistics_layers
 from leukodet.preprocess.steps import PreprocessState, fit_stain_reference, stain_normalize
 from leukodet.registry import MODELS
-from leukodet.structures import OperatingPoint
+from leukodet.structures import SAME_CELL_IOU, OperatingPoint
 from test_infer import trained_run  # noqa: F401  (the 6-step detector fixture, shared)
 
 
@@ -387,7 +387,7 @@ def test_the_class_boundary_moves_by_the_valley_of_the_new_images_margins(traine
     assert shift != 0 and saved["class_bias"] == [shift, 0.0]  # the share class (the first) moves, alone
     assert (saved["min_confidence"], saved["nms"]) == (trained.min_confidence, trained.nms)
     # one class a cell: the bias would otherwise lift a hesitant cell's second box over the min confidence
-    assert trained.cross_class_nms is None and saved["cross_class_nms"] == boundary.SAME_CELL_IOU
+    assert trained.cross_class_nms is None and saved["cross_class_nms"] == SAME_CELL_IOU
     assert config.adapted.input == str(new_scanner.resolve())
     assert config.adapted.class_bias.startswith(f"lymphoblast boundary moved {shift:+.2f} logits")
     assert "of 6 new images" in config.adapted.class_bias

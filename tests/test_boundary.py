@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from leukodet.evaluation.boundary import MARGIN_LIMIT, class_margins, otsu_threshold
+from leukodet.evaluation.boundary import MARGIN_LIMIT, ROUGH_CELLS, class_margins, otsu_threshold, reference_valley
 from leukodet.structures import ImagePredictions, OperatingPoint, logit, refilter
 
 LYMPHOCYTE, OTHER = 0, 1
@@ -59,15 +59,24 @@ def test_the_shift_puts_a_new_scanners_lymphocytes_back_on_their_side():
     new = acquisition(25, 25, (0.3, 0.8), (0.01, 0.97))
     truth = [LYMPHOCYTE] * 25 + [OTHER] * 25
     # the move of the valley from the trained acquisition's margins to the new one's (adapt.class_bias=otsu)
-    shift = otsu_threshold(class_margins(val, LYMPHOCYTE)) - otsu_threshold(class_margins(new, LYMPHOCYTE))
-    assert 3 < shift < 5
+    def shift(reference: list[ImagePredictions], target: list[ImagePredictions]) -> float:
+        margins = class_margins(reference, LYMPHOCYTE)
+        new_valley = otsu_threshold(class_margins(target, LYMPHOCYTE))
+        return reference_valley(otsu_threshold(margins), len(margins)) - new_valley
 
-    def called(bias: float) -> list[int]:
+    assert 3 < shift(val, new) < 5
+
+    def called(images: list[ImagePredictions], bias: float) -> list[list[int]]:
         point = OperatingPoint(0.5, 0.5, class_bias=(bias, 0.0), cross_class_nms=0.5)
-        return [refilter(image, point).labels.tolist() for image in new]
+        return [refilter(image, point).labels.tolist() for image in images]
 
-    assert called(0.0) == [[OTHER]] * 50  # unadapted: every lymphocyte called "other"
-    assert called(shift) == [[label] for label in truth]
-    # the trained acquisition against itself: no shift
-    itself = otsu_threshold(class_margins(val, LYMPHOCYTE)) - otsu_threshold(class_margins(val[5:], LYMPHOCYTE))
-    assert itself == pytest.approx(0, abs=0.1)
+    assert called(new, 0.0) == [[OTHER]] * 50  # unadapted: every lymphocyte called "other"
+    assert called(new, shift(val, new)) == [[label] for label in truth]
+    # the trained acquisition against itself: the boundary stays in the gap, every cell keeps its class
+    assert abs(shift(val, val[5:])) < 1 and called(val, shift(val, val[5:])) == called(val, 0.0)
+
+
+def test_a_small_val_split_places_the_reference_near_the_models_own_boundary():
+    assert reference_valley(2.7, 13) == pytest.approx(2.7 * 13 / (13 + ROUGH_CELLS))  # 0.82: mostly margin 0
+    assert reference_valley(-0.9, 67) == pytest.approx(-0.62, abs=0.01)  # mostly its own
+    assert reference_valley(-3.0, 3000) == pytest.approx(-3.0, abs=0.05) and reference_valley(5.0, 0) == 0

@@ -12,7 +12,8 @@ from leukodet.evaluation.metrics import as_predictions, evaluate, to_rle_predict
 from leukodet.evaluation.sweep import (binding_warnings, load_raw, load_thresholds, plot_heatmap, save_raw,
                                       save_thresholds, sweep)
 from leukodet.engine.predictor import predict_original
-from leukodet.structures import Detections, ImagePredictions, OperatingPoint, biased, refilter, to_original, unbias
+from leukodet.structures import (SAME_CELL_IOU, Detections, ImagePredictions, OperatingPoint, biased, refilter,
+                                 to_original, unbias)
 from leukodet.registry import RegistryError
 
 H, W = 96, 128
@@ -144,9 +145,15 @@ def test_class_bias_moves_the_class_boundary_and_the_sweep_finds_it():
     table, best = sweep(records, raw, CLASSES, [0.5, 0.6], [0.5], class_biases=[0.0, 1.0], iou_type="bbox")
     assert table.class_bias.tolist() == [0.0, 0.0, 1.0, 1.0]
     assert table.f1[table.class_bias == 0].max() < 0.7  # without the bias every lymphoblast is missed or called wrong
-    assert best == {"min_confidence": 0.6, "nms": 0.5, "class_bias": [1.0, 0.0], "cross_class_nms": None,
+    # a biased point suppresses across classes (one class a cell): the bias lifts each hesitant cell's
+    # lymphoblast box over the min confidence beside its other-class box, so F1 1 at 0.5 already
+    assert best == {"min_confidence": 0.5, "nms": 0.5, "class_bias": [1.0, 0.0], "cross_class_nms": SAME_CELL_IOU,
                     "metric": "f1", "value": 1.0}
-    kept = refilter(raw[0], OperatingPoint(0.6, 0.5, class_bias=(1.0, 0.0)))
+    assert table.cross_class_nms.isna().tolist() == [True, True, False, False]
+    within_classes, _ = sweep(records, raw, CLASSES, [0.5], [0.5], class_biases=[1.0], iou_type="bbox",
+                              cross_class_nms=1.0)  # a cross-class NMS of the run's own is kept
+    assert within_classes.cross_class_nms.tolist() == [1.0] and within_classes.precision[0] < 1.0
+    kept = refilter(raw[0], OperatingPoint(0.6, 0.5, class_bias=(1.0, 0.0), cross_class_nms=SAME_CELL_IOU))
     assert sorted(kept.labels.tolist()) == [0, 0, 1, 1]
     assert kept.scores[kept.labels == 0] == pytest.approx([1 / (1 + np.exp(-(np.log(0.45 / 0.55) + 1)))] * 2)
     # the bias class is the second one here: its biased sweep cannot reach F1 1

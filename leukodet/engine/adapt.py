@@ -42,7 +42,7 @@ from leukodet.engine.evaluate import (bias_class, choose_on_val, load_detector, 
 from leukodet.engine.inference.discovery import discover_images
 from leukodet.engine.module import DetectionModule
 from leukodet.engine.train import fit
-from leukodet.evaluation.boundary import MIN_CELLS, ROUGH_CELLS, SAME_CELL_IOU, class_margins, otsu_threshold
+from leukodet.evaluation.boundary import MIN_CELLS, ROUGH_CELLS, class_margins, otsu_threshold, reference_valley
 from leukodet.evaluation.sweep import load_thresholds, one_class_bias, save_thresholds
 from leukodet.io import atomic_write_text
 from leukodet.models.adapt import adapt_batchnorm
@@ -204,7 +204,8 @@ def class_boundary_shift(run_cfg: DictConfig, module: DetectionModule, images: l
     """How far to move the boundary between ``eval.share_class`` and the rest: as far as the valley
     of the cells' class margins moved from the run's val split to ``images``, both predicted by
     ``module`` through ``run_cfg``'s preprocessing (``evaluation.boundary``; no label of either is
-    read). Returns the shift (logits, for that class) and what was measured, in words."""
+    read); the val split's valley drawn toward the model's own boundary (``reference_valley``).
+    Returns the shift (logits, for that class) and what was measured, in words."""
     classes = get_metadata(split_name(run_cfg.data.name, "val"))["thing_classes"]
     if len(classes) < 2:
         raise ValueError(f"adapt.class_bias=otsu: the run has one class ({classes[0]}); there is no boundary between "
@@ -223,9 +224,12 @@ def class_boundary_shift(run_cfg: DictConfig, module: DetectionModule, images: l
             valleys.append(otsu_threshold(margins))
         except ValueError as err:
             raise ValueError(f"adapt.class_bias=otsu: {name}: {err}") from None
-    shift = valleys[0] - valleys[1]  # the boundary keeps its place relative to the two groups
+    reference_at = reference_valley(valleys[0], len(reference))
+    shift = reference_at - valleys[1]  # the boundary keeps its place relative to the two groups
     return shift, (f"{classes[moved]} boundary moved {shift:+.2f} logits (the valley of the class margins: "
-                   f"{len(reference)} cells of the val split, {len(target)} of {len(images)} new images)")
+                   f"{valleys[1]:+.2f} on {len(target)} cells of {len(images)} new images, {valleys[0]:+.2f} on "
+                   f"{len(reference)} cells of the val split, taken as {reference_at:+.2f})")
+
 
 
 def add_class_bias(run_cfg: DictConfig, checkpoint: Path, shift: float) -> OperatingPoint:
@@ -239,8 +243,7 @@ def add_class_bias(run_cfg: DictConfig, checkpoint: Path, shift: float) -> Opera
     require_bias_per_class(point, classes)
     moved = one_class_bias(shift, bias_class(run_cfg, classes), len(classes))
     point = replace(point, class_bias=tuple(b + m for b, m in zip(point.class_bias or [0.0] * len(classes), moved)),
-                    cross_class_nms=SAME_CELL_IOU if point.cross_class_nms is None else point.cross_class_nms,
-                    source="the class boundary moved to the new images (adapt.class_bias=otsu)")
+                    source="the class boundary moved to the new images (adapt.class_bias=otsu)").with_bias_suppression()
     saved = load_thresholds(checkpoint.parent / "thresholds.json") or {}
     save_thresholds(checkpoint.parent / "thresholds.json",
                     {**saved, "min_confidence": point.min_confidence, "nms": point.nms,

@@ -180,7 +180,7 @@ def calibrate_fold(cfg: DictConfig, index: int, out_dir: Path, row: dict) -> dic
                         iou_threshold=iou, class_biases=first(0.0, settings.class_bias),
                         bias_class=bias_class(fold_cfg, classes), cross_class_nms=across)
         point = OperatingPoint(best["min_confidence"], best["nms"], max_detections,
-                               class_bias=tuple(best["class_bias"]), cross_class_nms=across)
+                               class_bias=tuple(best["class_bias"]), cross_class_nms=best["cross_class_nms"])
         scored = {}
         for name, at in (("calibrated", point), ("val_point", val_point)):
             result = evaluate([records[i] for i in rest], [refilter(raw[i], at.scored()) for i in rest], classes,

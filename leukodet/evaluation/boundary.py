@@ -5,9 +5,10 @@ margins (Otsu's threshold).
 On another scanner a model still finds the cells and ranks them within each class, but the boundary
 between classes moves (README, Cross-validation): trained on one acquisition, the lymphocytes of the
 other sit at lower margins. ``adapt.class_bias=otsu`` moves the boundary by as much as the valley of
-the margins moved from the run's val split to the new images (``engine.adapt``), so the boundary
-keeps its place relative to the two groups, whatever their sizes (the share of lymphocytes differs
-between labs, so matching the share of each class would move it wrongly).
+the margins moved from the run's val split (``reference_valley``) to the new images
+(``engine.adapt``), so the boundary keeps its place relative to the two groups, whatever their
+sizes (the share of lymphocytes differs between labs, so matching the share of each class would
+move it wrongly).
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from leukodet.structures import ImagePredictions, logit
+from leukodet.structures import SAME_CELL_IOU, ImagePredictions, logit
 
 MARGIN_LIMIT = 10.0  # logits either way: beyond, a cell is as sure of its class as can be
 ABSENT_SCORE = 1e-3  # a class with no detection on a cell: far below any kept score (the raw floor is 0.05)
 CELL_SCORE = 0.5  # a cell is a detection above this, of any class
-SAME_CELL_IOU = 0.5  # detections of two classes on one cell overlap at least this much
 MIN_CELLS = 10  # fewer margins cannot show two groups
 ROUGH_CELLS = 30  # fewer margins place the valley roughly (README, Adapting to a new scanner)
 
@@ -69,3 +69,11 @@ def otsu_threshold(margins: np.ndarray) -> float:
     split = int(np.argmax(between))
     return float((values[split] + values[split + 1]) / 2)
 
+
+def reference_valley(valley: float, cells: int) -> float:
+    """The val split's valley as the boundary's reference: drawn toward the model's own boundary
+    (margin 0, equal scores) as if ``ROUGH_CELLS`` more cells sat there. A small val split places
+    its valley by the few cells nearest the gap (leaving one acquisition out, 13 val cells put it
+    anywhere from -2.7 to +2.7 logits over four seeds, 67 within +-0.9: README, Adapting to a new
+    scanner); a large one holds it."""
+    return valley * cells / (cells + ROUGH_CELLS)

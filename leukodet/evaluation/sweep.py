@@ -117,7 +117,8 @@ def sweep(dataset_dicts: Sequence[dict], raw: Sequence, class_names: Sequence[st
     scores of class ``bias_class`` (the others get none). Returns the table (one row per point, the
     evaluator's summary as columns) and the best point by ``metric`` (a ``METRICS`` name; the first in
     grid order on ties, so list bias 0 first to prefer the model's own boundary), with its
-    ``class_bias`` for every class and the ``cross_class_nms`` every point used."""
+    ``class_bias`` for every class and its ``cross_class_nms``: ``cross_class_nms``, or for a biased
+    point without one ``SAME_CELL_IOU`` (``OperatingPoint.with_bias_suppression``)."""
     chosen = METRICS.get(metric)
     evaluator = Evaluator(dataset_dicts, class_names, iou_threshold)
     raw = to_rle_predictions(raw, dataset_dicts)
@@ -129,22 +130,24 @@ def sweep(dataset_dicts: Sequence[dict], raw: Sequence, class_names: Sequence[st
         for nms in nms_values:
             # the detector's NMS and cap commute with a higher score cut: filter once per NMS, and let
             # the evaluator apply each min confidence (AP is scored over all scores, see Evaluator)
-            scored = [refilter(r, OperatingPoint(floor, nms, max_detections, class_bias=class_bias,
-                                                 cross_class_nms=cross_class_nms)) for r in raw]
+            point = OperatingPoint(floor, nms, max_detections, class_bias=class_bias,
+                                   cross_class_nms=cross_class_nms).with_bias_suppression()
+            scored = [refilter(r, point) for r in raw]
             for min_confidence in min_confidences:
                 result = evaluator(scored, iou_type, min_confidence)
                 rows.append({"class_bias": float(bias), "min_confidence": min_confidence, "nms": nms,
-                             **result.summary()})
+                             "cross_class_nms": point.cross_class_nms, **result.summary()})
     table = pd.DataFrame(rows)
     if chosen.key not in table:
         raise KeyError(f"metric {metric!r} is not computed for this data; "
-                       f"choose one of: {', '.join(table.columns[3:])}")
+                       f"choose one of: {', '.join(table.columns[4:])}")
     values = table[chosen.key]
     best = values.fillna(-np.inf).idxmax() if chosen.higher_is_better else values.fillna(np.inf).idxmin()
-    best_bias = float(table.class_bias[best])
+    across = table.cross_class_nms[best]
     return table, {"min_confidence": float(table.min_confidence[best]), "nms": float(table.nms[best]),
-                   "class_bias": list(one_class_bias(best_bias, bias_class, len(class_names))),
-                   "cross_class_nms": cross_class_nms, "metric": metric, "value": float(values[best])}
+                   "class_bias": list(one_class_bias(float(table.class_bias[best]), bias_class, len(class_names))),
+                   "cross_class_nms": None if pd.isna(across) else float(across), "metric": metric,
+                   "value": float(values[best])}
 
 
 def save_thresholds(path: str | Path, best: dict) -> Path:
