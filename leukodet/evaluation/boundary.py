@@ -74,6 +74,6 @@ def reference_valley(valley: float, cells: int) -> float:
     """The val split's valley as the boundary's reference: drawn toward the model's own boundary
     (margin 0, equal scores) as if ``ROUGH_CELLS`` more cells sat there. A small val split places
     its valley by the few cells nearest the gap (leaving one acquisition out, 13 val cells put it
-    anywhere from -2.7 to +2.7 logits over four seeds, 67 within +-0.9: README, Adapting to a new
+    anywhere from -5.0 to +2.7 logits over five seeds, 67 within +-0.9: README, Adapting to a new
     scanner); a large one holds it."""
     return valley * cells / (cells + ROUGH_CELLS)
