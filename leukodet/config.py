@@ -90,7 +90,8 @@ class EvalConfig:
     # over eval.sweep_class_bias chooses it, e.g. on a few labelled images of a new scanner
     class_bias: Optional[list[float]] = None
     # IoU above which detections of different classes are one cell (the lower score goes); null: off,
-    # per-class NMS only (a cell the model hesitates on is then counted once per class)
+    # per-class NMS only (a cell the model hesitates on is then counted once per class), except that
+    # a sweep's biased points and a moved class boundary use 0.5; a class_bias given here is used as is
     cross_class_nms: Optional[float] = None
     iou_threshold: float = 0.5  # matching IoU for P/R/F1/counts
     # true: predict each image and its horizontal mirror and pool the detections (evaluation, sweeps

@@ -390,6 +390,11 @@ def test_the_class_boundary_moves_by_the_valley_of_the_new_images_margins(traine
     assert trained.cross_class_nms is None and saved["cross_class_nms"] == SAME_CELL_IOU
     assert config.adapted.input == str(new_scanner.resolve())
     assert config.adapted.class_bias.startswith(f"lymphoblast boundary moved {shift:+.2f} logits")
+    # the move is from the val valley drawn toward margin 0 (as if ROUGH_CELLS more cells sat there)
+    new, val, cells, taken = re.search(r"([-+][\d.]+) on \d+ cells of 6 new images, ([-+][\d.]+) on (\d+) cells of the "
+                                       r"val split, taken as ([-+][\d.]+)", config.adapted.class_bias).groups()
+    assert float(taken) == pytest.approx(boundary.reference_valley(float(val), int(cells)), abs=0.01)
+    assert shift == pytest.approx(float(taken) - float(new), abs=0.02)
     assert "of 6 new images" in config.adapted.class_bias
     point = operating_point(run_config(compose(f"ckpt={adapted}", config_name="checkpoint")))
     assert point.class_bias == (shift, 0.0)  # what evaluate and infer use

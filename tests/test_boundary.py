@@ -59,6 +59,7 @@ def test_the_shift_puts_a_new_scanners_lymphocytes_back_on_their_side():
     new = acquisition(25, 25, (0.3, 0.8), (0.01, 0.97))
     truth = [LYMPHOCYTE] * 25 + [OTHER] * 25
     # the move of the valley from the trained acquisition's margins to the new one's (adapt.class_bias=otsu)
+
     def shift(reference: list[ImagePredictions], target: list[ImagePredictions]) -> float:
         margins = class_margins(reference, LYMPHOCYTE)
         new_valley = otsu_threshold(class_margins(target, LYMPHOCYTE))

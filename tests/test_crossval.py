@@ -19,6 +19,7 @@ from conftest import REPO, compose
 from leukodet.data.prepare import fold_split, split_records
 from leukodet.engine.crossval import calibration_draws
 from leukodet.data.records import ImageRecord, Region
+from leukodet.structures import SAME_CELL_IOU
 
 K = 3
 PATIENT = re.compile(r"patient(\d+)")
@@ -157,6 +158,10 @@ def test_recalibration_on_held_out_images_reuses_the_folds_and_scores_the_rest(c
         chosen = [[int(i) for i in indices.split()] for indices in draws.test_indices]
         assert len(draws) == 2 and all(len(set(c)) == 3 and max(c) < 8 for c in chosen)
         assert draws.class_bias.isin(range(-6, 7)).all()
+        # a biased point suppresses across classes (one class a cell), an unbiased one keeps per-class NMS
+        assert (draws.cross_class_nms.notna() == (draws.class_bias != 0)).all()
+        assert set(draws.cross_class_nms.dropna()) <= {SAME_CELL_IOU}
+    assert "cross_class_nms" not in table  # a point's setting, not a mean over draws
     assert pd.read_csv(out / "folds.csv").fold.tolist() == [0, 1, 2]  # the uncalibrated results stay
 
 

@@ -161,6 +161,14 @@ def test_class_bias_moves_the_class_boundary_and_the_sweep_finds_it():
     assert other["value"] < 1.0 and len(other["class_bias"]) == 2
 
 
+def test_a_biased_point_suppresses_across_classes_unless_it_sets_its_own():
+    assert OperatingPoint(0.5, 0.5).with_bias_suppression().cross_class_nms is None  # the detectors' own NMS
+    assert OperatingPoint(0.5, 0.5, class_bias=(0.0, 0.0)).with_bias_suppression().cross_class_nms is None
+    assert OperatingPoint(0.5, 0.5, class_bias=(-2.0, 0.0)).with_bias_suppression().cross_class_nms == SAME_CELL_IOU
+    own = OperatingPoint(0.5, 0.5, class_bias=(2.0, 0.0), cross_class_nms=0.7)
+    assert own.with_bias_suppression() == own
+
+
 def test_biased_scores_keep_each_class_ranking_and_the_detector_cut_loses_nothing(detectors):
     raw = to_rle_predictions([detectors[0](0.01, 1.0, 1000)], [detectors[0].record("a")])[0]
     bias = (2.0, -1.5)

@@ -231,11 +231,11 @@ def class_boundary_shift(run_cfg: DictConfig, module: DetectionModule, images: l
                    f"{len(reference)} cells of the val split, taken as {reference_at:+.2f})")
 
 
-
 def add_class_bias(run_cfg: DictConfig, checkpoint: Path, shift: float) -> OperatingPoint:
     """``shift`` added to the class bias of ``checkpoint``'s point on ``eval.share_class``, written to
     the ``thresholds.json`` beside it; returns the new point. A point that suppresses only within
-    classes now suppresses across them too, at the overlap the margins took for one cell: the bias
+    classes suppresses across them too when the bias is not zero, at the overlap the margins took
+    for one cell (``OperatingPoint.with_bias_suppression``): the bias
     lifts a hesitant cell's second box over the min confidence, and the cell would count twice.
     ``run_cfg``: the adapted run's (``run_config`` of ``checkpoint``)."""
     classes = get_metadata(split_name(run_cfg.data.name, "val"))["thing_classes"]

@@ -189,10 +189,11 @@ def calibrate_fold(cfg: DictConfig, index: int, out_dir: Path, row: dict) -> dic
                            if key in CALIBRATED_FIGURES or key.startswith("count_mae_")})
         draws.append({"fold": index, "draw": draw, "test_indices": " ".join(str(i) for i in chosen),
                       "class_bias": max(best["class_bias"], key=abs), "min_confidence": best["min_confidence"],
-                      "nms": best["nms"], f"calibration_{best['metric']}": best["value"], **scored})
+                      "nms": best["nms"], "cross_class_nms": best["cross_class_nms"],
+                      f"calibration_{best['metric']}": best["value"], **scored})
     table = pd.DataFrame(draws)
     atomic_write_text(fold_dir / f"calibrated{settings.images}.csv", table.to_csv(index=False))
-    means = table.drop(columns=["draw", "test_indices"]).mean(numeric_only=True).to_dict()
+    means = table.drop(columns=["draw", "test_indices", "cross_class_nms"]).mean(numeric_only=True).to_dict()
     return {**means, "fold": index, "calibration_images": int(settings.images), "draws": len(table),
             "scored_images": len(records) - int(settings.images),
             "calibrated_f1_sd_draws": table.calibrated_f1.std(ddof=1)}

@@ -267,11 +267,11 @@ def sweep_split(cfg: DictConfig, module: DetectionModule, checkpoint: str | Path
     plot_heatmap(table, metric, out_dir / f"sweep_{split}_{metric}.png", max(best["class_bias"], key=abs))
     thresholds = save_thresholds(Path(checkpoint).parent / "thresholds.json",
                                  {**best, "max_detections": max_detections, "split": split})
-    columns = ["class_bias", "min_confidence", "nms", "precision", "recall", "f1",
+    columns = ["class_bias", "cross_class_nms", "min_confidence", "nms", "precision", "recall", "f1",
                "ap50_segm" if "ap50_segm" in table else "ap50_bbox"]
-    logger.info("%s\nbest %s = %.4f at min confidence %s, NMS %s, class bias %s; saved %s",
+    logger.info("%s\nbest %s = %.4f at min confidence %s, NMS %s, class bias %s, NMS across classes %s; saved %s",
                 table[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}"), metric, best["value"],
-                best["min_confidence"], best["nms"], best["class_bias"], thresholds)
+                best["min_confidence"], best["nms"], best["class_bias"], best["cross_class_nms"], thresholds)
     return table, best
 
 

@@ -25,7 +25,9 @@ MARGIN_LIMIT = 10.0  # logits either way: beyond, a cell is as sure of its class
 ABSENT_SCORE = 1e-3  # a class with no detection on a cell: far below any kept score (the raw floor is 0.05)
 CELL_SCORE = 0.5  # a cell is a detection above this, of any class
 MIN_CELLS = 10  # fewer margins cannot show two groups
-ROUGH_CELLS = 30  # fewer margins place the valley roughly (README, Adapting to a new scanner)
+# fewer margins place the valley roughly (a warning); the val valley is drawn toward margin 0 as if this
+# many more cells sat there (reference_valley; README, Adapting to a new scanner)
+ROUGH_CELLS = 30
 
 
 def class_margins(predictions: Sequence[ImagePredictions], bias_class: int) -> np.ndarray:
