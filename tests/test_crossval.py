@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 from conftest import REPO, compose
 
 from leukodet.data.prepare import fold_split, split_records
-from leukodet.engine.crossval import calibration_draws
+from leukodet.engine.crossval import calibration_draws, val_chosen_point
 from leukodet.data.records import ImageRecord, Region
 from leukodet.structures import SAME_CELL_IOU
 
@@ -119,6 +120,18 @@ def test_crossval_folds_do_not_leak_and_resume(crossval_run):
     assert by_source.ap50_segm.tolist() == pytest.approx(table.ap50_segm.tolist())
     per_source = pd.read_csv(out / "crossval_summary_by_source.csv").set_index("metric")
     assert per_source.loc["f1", "mean"] == pytest.approx(table.f1.mean()) and "per source" in second
+    row = json.loads((out / "fold0" / "fold_result.json").read_text())
+    assert row["class_bias"] == [0.0, 0.0] and row["cross_class_nms"] is None  # the point chosen on val, whole
+
+
+def test_a_folds_val_chosen_point_keeps_its_class_bias_and_reads_rows_written_before_it():
+    fold_cfg = OmegaConf.create({"eval": {"max_detections": 100, "cross_class_nms": None}})
+    row = {"min_confidence": 0.7, "nms": 0.3, "class_bias": [2.0, 0.0], "cross_class_nms": SAME_CELL_IOU}
+    point = val_chosen_point(fold_cfg, row)
+    assert (point.min_confidence, point.nms, point.max_detections) == (0.7, 0.3, 100)
+    assert point.class_bias == (2.0, 0.0) and point.cross_class_nms == SAME_CELL_IOU
+    older = val_chosen_point(fold_cfg, {"min_confidence": 0.7, "nms": 0.3})
+    assert older.class_bias == () and older.cross_class_nms is None
 
 
 @pytest.mark.long

@@ -111,11 +111,20 @@ def run_fold(cfg: DictConfig, index: int, out_dir: Path) -> dict:
            "val_images": get_metadata(split_name(fold_cfg.data.name, "val"))["num_images"],
            "test_images": len(records), **counts, "train_seconds": round(train_seconds, 1),
            "best_checkpoint": trained.best_checkpoint.name, f"best_{trained.best_metric}": trained.best_score,
-           "min_confidence": point.min_confidence, "nms": point.nms, f"val_{chosen['metric']}": chosen["value"],
+           "min_confidence": point.min_confidence, "nms": point.nms, "class_bias": list(point.class_bias),
+           "cross_class_nms": point.cross_class_nms, f"val_{chosen['metric']}": chosen["value"],
            **{key: value for key, value in test.items() if not key.startswith("count_bias")},
            "best_f1": oracle["value"], "best_f1_min_confidence": oracle["min_confidence"], "best_f1_nms": oracle["nms"]}
     atomic_write_text(fold_dir / FOLD_RESULT, json.dumps(row, indent=2))
     return row
+
+
+def val_chosen_point(fold_cfg: DictConfig, row: dict) -> OperatingPoint:
+    """A finished fold's operating point, chosen on its val split (``row``: its ``fold_result.json``;
+    one written before the class bias was recorded there had none, and the fold's own NMS across classes)."""
+    return OperatingPoint(row["min_confidence"], row["nms"], int(fold_cfg.eval.max_detections),
+                          "chosen on val", tuple(row.get("class_bias") or ()),
+                          row.get("cross_class_nms", fold_cfg.eval.get("cross_class_nms")))
 
 
 def figures_by_source(cfg: DictConfig, out_dir: Path, row: dict) -> list[dict]:
@@ -127,8 +136,7 @@ def figures_by_source(cfg: DictConfig, out_dir: Path, row: dict) -> list[dict]:
     checkpoint = Path(fold_cfg.train.run_dir) / "checkpoints" / row["best_checkpoint"]
     records, raw = cached_raw_predictions(fold_cfg, load_detector(checkpoint), checkpoint, "test")
     classes = get_metadata(split_name(fold_cfg.data.name, "test"))["thing_classes"]
-    point = OperatingPoint(row["min_confidence"], row["nms"], int(fold_cfg.eval.max_detections),
-                           cross_class_nms=fold_cfg.eval.get("cross_class_nms"))
+    point = val_chosen_point(fold_cfg, row)
     table = evaluate_by_source(records, [refilter(r, point.scored()) for r in raw], classes,
                                min_confidence=point.min_confidence, iou_threshold=fold_cfg.eval.iou_threshold,
                                share_class=fold_cfg.eval.get("share_class"))
@@ -165,20 +173,20 @@ def calibrate_fold(cfg: DictConfig, index: int, out_dir: Path, row: dict) -> dic
     records, raw = cached_raw_predictions(fold_cfg, load_detector(checkpoint), checkpoint, "test")
     classes = get_metadata(split_name(fold_cfg.data.name, "test"))["thing_classes"]
     max_detections = int(fold_cfg.eval.max_detections)
-    across = fold_cfg.eval.get("cross_class_nms")
-    val_point = OperatingPoint(row["min_confidence"], row["nms"], max_detections, cross_class_nms=across)
+    val_point, moved = val_chosen_point(fold_cfg, row), bias_class(fold_cfg, classes)
     iou, share_class = fold_cfg.eval.iou_threshold, fold_cfg.eval.get("share_class")
     draws = []
     chosen_sets = calibration_draws(records, int(settings.images), int(settings.draws), int(cfg.seed), index)
     for draw, chosen in enumerate(chosen_sets):
         rest = np.setdiff1d(np.arange(len(records)), chosen)
         # a few images tie often: the sweep keeps the first best in grid order, so the val-chosen
-        # point (no bias, its min confidence and NMS) comes first and wins its ties
+        # point (its bias, min confidence and NMS) comes first and wins its ties
         _, best = sweep([records[i] for i in chosen], [raw[i] for i in chosen], classes,
                         first(val_point.min_confidence, fold_cfg.eval.sweep_min_confidence),
                         first(val_point.nms, fold_cfg.eval.sweep_nms), max_detections, fold_cfg.eval.sweep_metric,
-                        iou_threshold=iou, class_biases=first(0.0, settings.class_bias),
-                        bias_class=bias_class(fold_cfg, classes), cross_class_nms=across)
+                        iou_threshold=iou, class_biases=first((val_point.class_bias or [0.0] * len(classes))[moved],
+                                                              settings.class_bias),
+                        bias_class=moved, cross_class_nms=fold_cfg.eval.get("cross_class_nms"))
         point = OperatingPoint(best["min_confidence"], best["nms"], max_detections,
                                class_bias=tuple(best["class_bias"]), cross_class_nms=best["cross_class_nms"])
         scored = {}
