@@ -4,6 +4,7 @@ step, AdaBN, and `tools/adapt.py`'s adapted run, which every checkpoint tool tak
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -410,12 +411,37 @@ def test_the_class_boundary_moves_by_the_valley_of_the_new_images_margins(traine
     for i in range(3):
         cv2.imwrite(str(blank / f"{i}.png"), np.full((192, 256, 3), 235, np.uint8))
     monkeypatch.setattr(boundary, "CELL_SCORE", 0.5)  # the blank fields' faint boxes are no cells
-    # one loop checks both sets: the 6-step model's val split may fail first, and the message names it
-    refused = rf"adapt.class_bias=otsu: (the val split|3 images of {re.escape(str(blank))}): \d cells.*: at least 10"
+    refused = rf"adapt.class_bias=otsu: 3 images of {re.escape(str(blank))}: \d cells.*: at least 10"
     with pytest.raises(ValueError, match=refused):
         adapt_run(compose(f"ckpt={checkpoint}", f"input={blank}", "adapt.stain=none", "adapt.class_bias=otsu",
                           config_name="adapt"), tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_val_split_too_small_for_a_valley_leaves_the_models_own_boundary_as_reference(  # noqa: F811
+        trained_run, tmp_path, monkeypatch, caplog):
+    from leukodet.engine import adapt
+    from leukodet.evaluation import boundary
+
+    monkeypatch.setattr(boundary, "CELL_SCORE", 0.0)  # as above: every box of the 6-step detector is a cell
+    measured = []
+
+    def val_of_three_cells(predictions, bias_class):  # the val split is measured first
+        margins = boundary.class_margins(predictions, bias_class)
+        measured.append(margins)
+        return margins[:3] if len(measured) == 1 else margins
+
+    monkeypatch.setattr(adapt, "class_margins", val_of_three_cells)
+    checkpoint = trained_run / "run" / "checkpoints" / "last.ckpt"
+    new_scanner = as_another_scanner_saw_them(trained_run, tmp_path / "new_scanner", 6)
+    with caplog.at_level(logging.WARNING):
+        adapted = adapt.adapt_run(compose(f"ckpt={checkpoint}", f"input={new_scanner}", "adapt.stain=none",
+                                          "adapt.class_bias=otsu", config_name="adapt"), tmp_path / "adapted")
+    assert "the val split: 3 cells" in caplog.text and "the reference is the model's own boundary" in caplog.text
+    shift = json.loads((adapted.parent / "thresholds.json").read_text())["class_bias_shift"]
+    assert shift == pytest.approx(-boundary.otsu_threshold(measured[1]))  # the new images' valley put at margin 0
+    assert "+0.00 on 3 cells of the val split, taken as +0.00" in OmegaConf.load(
+        tmp_path / "adapted" / "config.yaml").adapted.class_bias
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -204,8 +204,10 @@ def class_boundary_shift(run_cfg: DictConfig, module: DetectionModule, images: l
     """How far to move the boundary between ``eval.share_class`` and the rest: as far as the valley
     of the cells' class margins moved from the run's val split to ``images``, both predicted by
     ``module`` through ``run_cfg``'s preprocessing (``evaluation.boundary``; no label of either is
-    read); the val split's valley drawn toward the model's own boundary (``reference_valley``).
-    Returns the shift (logits, for that class) and what was measured, in words."""
+    read); the val split's valley drawn toward the model's own boundary (``reference_valley``), or
+    that boundary itself when the val split holds too few cells for a valley (a warning says so; too
+    few on the new images refuses). Returns the shift (logits, for that class) and what was
+    measured, in words."""
     classes = get_metadata(split_name(run_cfg.data.name, "val"))["thing_classes"]
     if len(classes) < 2:
         raise ValueError(f"adapt.class_bias=otsu: the run has one class ({classes[0]}); there is no boundary between "
@@ -215,19 +217,25 @@ def class_boundary_shift(run_cfg: DictConfig, module: DetectionModule, images: l
                         "class margins, val")
     new = predict_images(run_cfg, module, images, RAW, "class margins, new images")
     reference, target = class_margins(val, moved), class_margins(new, moved)
-    valleys = []
-    for name, margins in (("the val split", reference), (f"{len(images)} images of {run_cfg.input}", target)):
+    new_images = f"{len(images)} images of {run_cfg.input}"
+    for name, margins in (("the val split", reference), (new_images, target)):
         if MIN_CELLS <= len(margins) < ROUGH_CELLS:
             logger.warning("adapt.class_bias=otsu: %d cells in %s place the valley of the class margins roughly; "
                            "%d or more place it better", len(margins), name, ROUGH_CELLS)
-        try:
-            valleys.append(otsu_threshold(margins))
-        except ValueError as err:
-            raise ValueError(f"adapt.class_bias=otsu: {name}: {err}") from None
-    reference_at = reference_valley(valleys[0], len(reference))
-    shift = reference_at - valleys[1]  # the boundary keeps its place relative to the two groups
+    try:
+        new_valley = otsu_threshold(target)
+    except ValueError as err:
+        raise ValueError(f"adapt.class_bias=otsu: {new_images}: {err}") from None
+    try:  # a val split too small for a valley of its own leaves the model's own boundary as the reference
+        val_valley = otsu_threshold(reference)
+    except ValueError as err:
+        logger.warning("adapt.class_bias=otsu: the val split: %s; the reference is the model's own boundary "
+                       "(margin 0)", err)
+        val_valley = 0.0
+    reference_at = reference_valley(val_valley, len(reference))
+    shift = reference_at - new_valley  # the boundary keeps its place relative to the two groups
     return shift, (f"{classes[moved]} boundary moved {shift:+.2f} logits (the valley of the class margins: "
-                   f"{valleys[1]:+.2f} on {len(target)} cells of {len(images)} new images, {valleys[0]:+.2f} on "
+                   f"{new_valley:+.2f} on {len(target)} cells of {len(images)} new images, {val_valley:+.2f} on "
                    f"{len(reference)} cells of the val split, taken as {reference_at:+.2f})")
 
 
