@@ -332,7 +332,8 @@ def adapt_run(cfg: DictConfig, out_dir: str | Path) -> Path:
                        "pseudo_labelled_images": len(images) if tuning_steps else 0, "pseudo_labelled_cells": cells,
                        "point": "the trained run's", "class_bias": None}
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(trained, resolve=True))
-    if settings.choose_point or settings.class_bias == "otsu":
+    moves_point = settings.choose_point or settings.class_bias == "otsu"
+    if moves_point:
         adapted_cfg = run_config(OmegaConf.merge(cfg, {"ckpt": str(adapted)}))  # reads the config.yaml just written
     if settings.choose_point:
         # self-training and AdaBN move the scores, so the trained run's point may no longer fit: choose
@@ -343,7 +344,7 @@ def adapt_run(cfg: DictConfig, out_dir: str | Path) -> Path:
     if settings.class_bias == "otsu":  # after any new choice on val: the boundary moves from that point
         point = add_class_bias(adapted_cfg, adapted, shift)
         trained.adapted.class_bias = f"{measured}; class bias {list(point.class_bias)}"
-    if settings.choose_point or settings.class_bias == "otsu":
+    if moves_point:
         atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(trained, resolve=True))
     logger.info("adapted checkpoint: %s", adapted)
     return adapted

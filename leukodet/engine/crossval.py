@@ -174,6 +174,7 @@ def calibrate_fold(cfg: DictConfig, index: int, out_dir: Path, row: dict) -> dic
     classes = get_metadata(split_name(fold_cfg.data.name, "test"))["thing_classes"]
     max_detections = int(fold_cfg.eval.max_detections)
     val_point, moved = val_chosen_point(fold_cfg, row), bias_class(fold_cfg, classes)
+    val_bias = val_point.class_bias[moved] if val_point.class_bias else 0.0
     iou, share_class = fold_cfg.eval.iou_threshold, fold_cfg.eval.get("share_class")
     draws = []
     chosen_sets = calibration_draws(records, int(settings.images), int(settings.draws), int(cfg.seed), index)
@@ -184,8 +185,7 @@ def calibrate_fold(cfg: DictConfig, index: int, out_dir: Path, row: dict) -> dic
         _, best = sweep([records[i] for i in chosen], [raw[i] for i in chosen], classes,
                         first(val_point.min_confidence, fold_cfg.eval.sweep_min_confidence),
                         first(val_point.nms, fold_cfg.eval.sweep_nms), max_detections, fold_cfg.eval.sweep_metric,
-                        iou_threshold=iou, class_biases=first((val_point.class_bias or [0.0] * len(classes))[moved],
-                                                              settings.class_bias),
+                        iou_threshold=iou, class_biases=first(val_bias, settings.class_bias),
                         bias_class=moved, cross_class_nms=fold_cfg.eval.get("cross_class_nms"))
         point = OperatingPoint(best["min_confidence"], best["nms"], max_detections,
                                class_bias=tuple(best["class_bias"]), cross_class_nms=best["cross_class_nms"])
