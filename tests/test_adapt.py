@@ -267,6 +267,73 @@ class ShiftingAdapter(torch.nn.Module):
                            torch.tensor([1]), torch.ones((1, 8, 8), dtype=torch.bool)) for _ in batch]
 
 
+def labelled_copy(trained_run: Path, folder: Path, categories: list[str] | None = None) -> Path:
+    """The run's prepared val split as another scanner sees it: a COCO file of those images
+    (``other_scanner``'s colours, in ``folder``) with their labels, the classes renamed if given."""
+    prepared = Path(OmegaConf.load(trained_run / "run" / "config.yaml").data.prepared_dir)
+    coco = json.loads((prepared / "val.json").read_text())
+    folder.mkdir()
+    for image in coco["images"]:
+        pixels = cv2.imread(str((prepared / image["file_name"]).resolve()))[..., ::-1]
+        cv2.imwrite(str(folder / Path(image["file_name"]).name), other_scanner(pixels)[..., ::-1])
+        image["file_name"] = Path(image["file_name"]).name
+    for category, name in zip(coco["categories"], categories or []):
+        category["name"] = name
+    (folder / "labels.json").write_text(json.dumps(coco))
+    return folder / "labels.json"
+
+
+def test_a_few_labelled_images_fine_tune_the_model_shown_as_half_of_what_it_sees(trained_run, tmp_path,  # noqa: F811
+                                                                                 monkeypatch, caplog):
+    from leukodet.engine import adapt
+    from leukodet.engine.evaluate import read_checkpoint
+
+    labels = labelled_copy(trained_run, tmp_path / "scanner2")
+    shown = []
+    real_fit = adapt.fit
+    monkeypatch.setattr(adapt, "fit", lambda *args, **kwargs: shown.append(kwargs["extra_train"]) or real_fit(
+        *args, **kwargs))
+    checkpoint = trained_run / "run" / "checkpoints" / "last.ckpt"
+    cfg = compose(f"ckpt={checkpoint}", "adapt.stain=none", f"adapt.labelled={labels}", "adapt.fine_tune.steps=4",
+                  config_name="adapt")
+    with caplog.at_level(logging.INFO, logger="leukodet.engine.adapt"):
+        adapted = adapt.adapt_run(cfg, tmp_path / "adapted")
+
+    coco = json.loads(labels.read_text())
+    prepared = Path(OmegaConf.load(trained_run / "run" / "config.yaml").data.prepared_dir)
+    train_images = len(json.loads((prepared / "train.json").read_text())["images"])
+    repeats = round(train_images / len(coco["images"]))  # labelled_share 0.5: as many as the train split
+    assert len(shown) == 1 and len(shown[0]) == repeats * len(coco["images"])
+    assert {record["file_name"] for record in shown[0]} == {str((labels.parent / i["file_name"]).resolve())
+                                                           for i in coco["images"]}
+    assert sum(len(r["annotations"]) for r in shown[0]) == repeats * len(coco["annotations"]) > 0
+    assert f"each repeated {repeats} times" in caplog.text
+    tuned = OmegaConf.load(tmp_path / "adapted" / "labelled_fine_tuning" / "config.yaml")
+    trained = OmegaConf.load(trained_run / "run" / "config.yaml").train
+    assert tuned.train.max_steps == 4 and tuned.train.lr == pytest.approx(trained.lr * 0.1)
+    assert tuned.fine_tuning.labelled_share == 0.5
+    state, original = read_checkpoint(adapted), read_checkpoint(checkpoint)
+    assert any(not torch.equal(state["state_dict"][k], v) for k, v in original["state_dict"].items()
+               if v.is_floating_point())
+    record = OmegaConf.load(tmp_path / "adapted" / "config.yaml").adapted
+    assert record.labelled == str(labels.resolve()) and record.labelled_images == len(coco["images"])
+    assert record.labelled_fine_tuning_steps == 4 and record.input is None  # no unlabelled folder read
+
+
+def test_labelled_images_of_other_classes_or_a_missing_file_are_refused_by_name(trained_run, tmp_path):  # noqa: F811
+    from leukodet.engine.adapt import adapt_run
+
+    checkpoint = trained_run / "run" / "checkpoints" / "last.ckpt"
+    renamed = labelled_copy(trained_run, tmp_path / "scanner2", categories=["blast", "other"])
+    with pytest.raises(ValueError, match=rf"adapt.labelled={re.escape(str(renamed))}: its classes are \['blast', "
+                                         r"'other'\], the checkpoint's"):
+        adapt_run(compose(f"ckpt={checkpoint}", f"adapt.labelled={renamed}", config_name="adapt"), tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="adapt.labelled=.*nowhere.json: no such file"):
+        adapt_run(compose(f"ckpt={checkpoint}", f"adapt.labelled={tmp_path / 'nowhere.json'}", config_name="adapt"),
+                  tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
 def test_a_mean_teacher_labels_only_the_new_images_and_follows_the_model_slowly():
     from types import SimpleNamespace
 
@@ -365,7 +432,7 @@ def test_mean_teacher_self_training_runs_from_the_tool(trained_run, tmp_path, mo
     assert all(torch.equal(saved[k], v) for k, v in weights["teacher"].items())  # the teacher's weights are kept
     assert any(not torch.equal(saved[k], v) for k, v in weights["student"].items())  # not the student's
     tuned = OmegaConf.load(tmp_path / "adapted" / "self_training" / "config.yaml")
-    assert tuned.self_training.mean_teacher  # a folder tuned offline is not resumed as a mean teacher's
+    assert tuned.fine_tuning.mean_teacher  # a folder tuned offline is not resumed as a mean teacher's
 
 
 def test_the_class_boundary_moves_by_the_valley_of_the_new_images_margins(trained_run, tmp_path,  # noqa: F811

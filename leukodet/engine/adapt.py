@@ -1,6 +1,7 @@
-"""`tools/adapt.py`: a trained run adapted to a new acquisition from its unlabelled images.
+"""`tools/adapt.py`: a trained run adapted to a new acquisition from its unlabelled images (or a
+few labelled ones: ``labelled_fine_tuning``).
 
-Four options, each measured by leaving one acquisition out in both directions (README, Adapting to
+Four unlabelled options, each measured by leaving one acquisition out in both directions (README, Adapting to
 a new scanner): a stain normalization step mapping every image's colours onto the training images'
 (``preprocess.steps.stain_normalize``, its reference fitted here on the run's train split), AdaBN
 (``models.adapt.adapt_batchnorm``: the backbone's BatchNorm statistics re-estimated on the new
@@ -186,18 +187,62 @@ def self_train(run_cfg: DictConfig, trained: DictConfig, module: DetectionModule
         labelled = pseudo_labels(run_cfg, module, images, point, out_dir / "pseudo_labels.json")
         logger.info("pseudo-labels: %d cells on %d images (%s); fine-tuning %d steps", labelled_cells(labelled),
                     len(labelled), point.describe(), settings.steps)
+    tuned = fine_tune(trained, module, labelled, settings, out_dir, callbacks=[teacher] if teacher else [])
+    if teacher:
+        logger.info("mean teacher: %d cells labelled over %d new images shown", teacher.cells, teacher.images)
+    return tuned, teacher.cells if teacher else labelled_cells(labelled)
+
+
+def fine_tune(trained: DictConfig, module: DetectionModule, extra_train: list[dict], settings: DictConfig,
+              out_dir: Path, callbacks: list[L.Callback] = ()) -> DetectionModule:
+    """``module`` fine-tuned from its weights on ``trained``'s train split plus ``extra_train`` for
+    ``settings.steps`` steps at ``train.lr`` x ``settings.lr_factor`` (a run in ``out_dir``, its
+    config holding ``settings``, so a folder tuned one way is not resumed another way); returns the
+    model at its last step."""
     tuning = OmegaConf.create(OmegaConf.to_container(trained, resolve=True))
-    # in the tuning run's config, so a folder tuned one way is not resumed another way
-    tuning.self_training = OmegaConf.to_container(settings, resolve=True)
+    tuning.fine_tuning = OmegaConf.to_container(settings, resolve=True)
     tuning.train.max_steps = tuning.train.steps_per_epoch = int(settings.steps)
     tuning.train.warmup_steps = min(int(tuning.train.warmup_steps), int(settings.steps) // 10)
     tuning.train.lr = float(tuning.train.lr) * float(settings.lr_factor)
     tuning.train.run_dir = str(out_dir)
-    result = fit(tuning, out_dir, extra_train=labelled, init_weights=module.state_dict(),
-                 callbacks=[teacher] if teacher else [])
-    if teacher:
-        logger.info("mean teacher: %d cells labelled over %d new images shown", teacher.cells, teacher.images)
-    return load_detector(result.last_checkpoint), teacher.cells if teacher else labelled_cells(labelled)
+    result = fit(tuning, out_dir, extra_train=extra_train, init_weights=module.state_dict(), callbacks=callbacks)
+    return load_detector(result.last_checkpoint)
+
+
+def labelled_records(path: str | Path, module: DetectionModule) -> list[dict]:
+    """The labelled images of ``adapt.labelled`` (a COCO file) as dataset dicts; refuses a file
+    whose classes are not the checkpoint's, or with no labelled cell, naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adapt.labelled={path}: no such file (give a COCO file of the new acquisition's "
+                                f"labelled images)")
+    records, meta = load_dataset_dicts(path)
+    trained = list(module.hparams.class_names)
+    if list(meta["thing_classes"]) != trained:
+        raise ValueError(f"adapt.labelled={path}: its classes are {meta['thing_classes']}, the checkpoint's {trained}; "
+                         f"label the same classes in the same order")
+    if not labelled_cells(records):
+        raise ValueError(f"adapt.labelled={path}: no labelled cell in its {len(records)} images")
+    return records
+
+
+def labelled_fine_tuning(trained: DictConfig, module: DetectionModule, labelled: list[dict], settings: DictConfig,
+                         out_dir: Path) -> DetectionModule:
+    """``module`` fine-tuned (``fine_tune``) on its train split plus a few labelled images of the new
+    acquisition (dataset dicts), those repeated until they make about ``settings.labelled_share`` of
+    the images it is shown: ten images among hundreds would otherwise pass a few times each and
+    move nothing."""
+    share = float(settings.labelled_share)
+    if not labelled or not 0 < share < 1:
+        raise ValueError(f"labelled fine-tuning: {len(labelled)} labelled images, labelled_share={share}: give at "
+                         f"least one image and a share between 0 and 1 (e.g. 0.5)")
+    ensure_prepared(trained.data)
+    train_images = len(get_dataset_dicts(split_name(trained.data.name, "train")))
+    repeats = max(1, round(share / (1 - share) * train_images / len(labelled)))
+    logger.info("fine-tuning %d steps on %d train images plus %d labelled new images (each repeated %d times: "
+                "%.0f%% of the images shown)", settings.steps, train_images, len(labelled), repeats,
+                100 * len(labelled) * repeats / (train_images + len(labelled) * repeats))
+    return fine_tune(trained, module, labelled * repeats, settings, out_dir)
 
 
 def class_boundary_shift(run_cfg: DictConfig, module: DetectionModule, images: list[Path]) -> tuple[float, str]:
@@ -275,9 +320,10 @@ def adapt_run(cfg: DictConfig, out_dir: str | Path) -> Path:
     tuning_steps = int(settings.self_training.steps)
     if settings.stain not in ("none", *STAIN_METHODS):
         raise ValueError(f"adapt.stain={settings.stain}: use none, {', '.join(STAIN_METHODS)}")
-    if settings.stain == "none" and not settings.batchnorm and not tuning_steps and settings.class_bias == "none":
+    if (settings.stain == "none" and not settings.batchnorm and not tuning_steps and settings.class_bias == "none"
+            and not settings.get("labelled")):
         raise ValueError("nothing to adapt: give adapt.stain=reinhard|macenko, adapt.batchnorm=true, "
-                         "adapt.self_training.steps=N and/or adapt.class_bias=otsu")
+                         "adapt.self_training.steps=N, adapt.class_bias=otsu and/or adapt.labelled=labels.json")
     if settings.class_bias not in ("none", "otsu"):
         raise ValueError(f"adapt.class_bias={settings.class_bias}: use none or otsu")
     reads_input = bool(settings.batchnorm or tuning_steps or settings.class_bias != "none")
@@ -303,6 +349,7 @@ def adapt_run(cfg: DictConfig, out_dir: str | Path) -> Path:
         logger.info("stain normalization (%s) to the training images' reference, fitted on %d of them: %s",
                     settings.stain, len(records), reference)
     module = load_detector(checkpoint)
+    labelled = labelled_records(settings.labelled, module) if settings.get("labelled") else []
     used = cells = 0
     if settings.batchnorm:
         mapper = DatasetMapper(trained.preprocess)
@@ -312,6 +359,8 @@ def adapt_run(cfg: DictConfig, out_dir: str | Path) -> Path:
     run_cfg.preprocess = trained.preprocess  # the new images seen as the adapted run will see them
     if tuning_steps:
         module, cells = self_train(run_cfg, trained, module, images, settings.self_training, out_dir / "self_training")
+    if labelled:
+        module = labelled_fine_tuning(trained, module, labelled, settings.fine_tune, out_dir / "labelled_fine_tuning")
     if settings.class_bias == "otsu":  # measured before the adapted run is written: too few cells stop here
         shift, measured = class_boundary_shift(run_cfg, module, images)
         logger.info("%s", measured)
@@ -330,6 +379,9 @@ def adapt_run(cfg: DictConfig, out_dir: str | Path) -> Path:
                        "self_training": ("mean teacher" if settings.self_training.get("mean_teacher") else "offline")
                        if tuning_steps else None,
                        "pseudo_labelled_images": len(images) if tuning_steps else 0, "pseudo_labelled_cells": cells,
+                       "labelled": str(Path(settings.labelled).resolve()) if labelled else None,
+                       "labelled_images": len(labelled), "labelled_fine_tuning_steps": int(settings.fine_tune.steps)
+                       if labelled else 0,
                        "point": "the trained run's", "class_bias": None}
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(trained, resolve=True))
     moves_point = settings.choose_point or settings.class_bias == "otsu"
