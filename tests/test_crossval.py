@@ -177,6 +177,25 @@ def test_recalibration_on_held_out_images_reuses_the_folds_and_scores_the_rest(c
     assert "cross_class_nms" not in table  # a point's setting, not a mean over draws
     assert pd.read_csv(out / "folds.csv").fold.tolist() == [0, 1, 2]  # the uncalibrated results stay
 
+    # fine-tuned on the same draw's labelled images too: its own files, beside the re-cut ones
+    done = subprocess.run(command[:-1] + ["crossval.calibration.draws=1", "crossval.calibration.images=3",
+                                          "crossval.calibration.fine_tune.steps=2"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tuned = pd.read_csv(out / "folds_calibrated3_fine_tuned2.csv")
+    assert tuned.fold.tolist() == [0, 1, 2] and (tuned.draws == 1).all()
+    counts = [c for c in tuned if c.startswith("fine_tuned_count_mae_")]
+    for column in ("fine_tuned_f1", "fine_tuned_detection_f1", "calibrated_f1", *counts):
+        assert tuned[column].notna().all(), column
+    assert len(counts) == len([c for c in tuned if c.startswith("calibrated_count_mae_")]) > 0  # one a class
+    for index in range(K):
+        draw = pd.read_csv(out / f"fold{index}" / "calibrated3_fine_tuned2.csv")
+        first_draw = pd.read_csv(out / f"fold{index}" / "calibrated3.csv").iloc[0]
+        assert draw.test_indices.tolist() == [first_draw.test_indices]  # the same labelled images
+        assert draw.calibrated_f1.iloc[0] == pytest.approx(first_draw.calibrated_f1)
+        assert OmegaConf.load(out / f"fold{index}" / "fine_tuned3" / "draw0" / "config.yaml").train.max_steps == 2
+    assert len(pd.read_csv(out / "folds_calibrated3.csv")) == K  # the re-cut figures stay
+
 
 def test_calibration_draws_are_fixed_by_seed_and_leave_images_to_score():
     records = [{"file_name": f"{i}.png"} for i in range(8)]

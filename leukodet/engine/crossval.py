@@ -26,12 +26,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from leukodet.data.catalog import get_metadata, register_datasets, split_name
 from leukodet.data.pipeline import ensure_prepared
-from leukodet.engine.evaluate import bias_class, cached_raw_predictions, choose_on_val, load_detector, score_split
+from leukodet.engine.adapt import labelled_fine_tuning
+from leukodet.engine.evaluate import (bias_class, cached_raw_predictions, choose_on_val, load_detector,
+                                      predict_split, score_split)
 from leukodet.engine.train import RunConfigError, config_differences, fit
 from leukodet.evaluation.metrics import evaluate, evaluate_by_source
 from leukodet.evaluation.sweep import sweep
 from leukodet.io import atomic_write_text
-from leukodet.structures import OperatingPoint, refilter
+from leukodet.structures import RAW, OperatingPoint, refilter
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -162,9 +164,11 @@ def calibrate_fold(cfg: DictConfig, index: int, out_dir: Path, row: dict) -> dic
     """A finished fold recalibrated on ``crossval.calibration.images`` labelled images of its held-out
     fold: for each draw, the point (class bias, min confidence, NMS) with the best ``eval.sweep_metric``
     on them, scored on the other held-out images, with the val-chosen point (``row``) on those same
-    images for comparison. Returns the fold's row of means over the draws; writes every draw to
-    ``fold<i>/calibrated<n>.csv`` (``test_indices``: its calibration images, indices into the fold's
-    test split)."""
+    images for comparison. With ``crossval.calibration.fine_tune.steps`` > 0, the fold's model is
+    also fine-tuned on its train split plus the draw's labelled images (``fine_tune_on_draw``).
+    Returns the fold's row of means over the draws; writes every draw to
+    ``fold<i>/calibrated<n>[_fine_tuned<steps>].csv`` (``test_indices``: its calibration images,
+    indices into the fold's test split)."""
     settings = cfg.crossval.calibration
     fold_dir = out_dir / f"fold{index}"
     fold_cfg = fold_config(cfg, index, fold_dir)
@@ -172,39 +176,81 @@ def calibrate_fold(cfg: DictConfig, index: int, out_dir: Path, row: dict) -> dic
     checkpoint = fold_dir / "checkpoints" / row["best_checkpoint"]
     records, raw = cached_raw_predictions(fold_cfg, load_detector(checkpoint), checkpoint, "test")
     classes = get_metadata(split_name(fold_cfg.data.name, "test"))["thing_classes"]
-    max_detections = int(fold_cfg.eval.max_detections)
-    val_point, moved = val_chosen_point(fold_cfg, row), bias_class(fold_cfg, classes)
-    val_bias = val_point.class_bias[moved] if val_point.class_bias else 0.0
-    iou, share_class = fold_cfg.eval.iou_threshold, fold_cfg.eval.get("share_class")
+    val_point = val_chosen_point(fold_cfg, row)
+    tuning_steps = int(settings.get("fine_tune", {}).get("steps", 0))
     draws = []
     chosen_sets = calibration_draws(records, int(settings.images), int(settings.draws), int(cfg.seed), index)
     for draw, chosen in enumerate(chosen_sets):
         rest = np.setdiff1d(np.arange(len(records)), chosen)
-        # a few images tie often: the sweep keeps the first best in grid order, so the val-chosen
-        # point (its bias, min confidence and NMS) comes first and wins its ties
-        _, best = sweep([records[i] for i in chosen], [raw[i] for i in chosen], classes,
-                        first(val_point.min_confidence, fold_cfg.eval.sweep_min_confidence),
-                        first(val_point.nms, fold_cfg.eval.sweep_nms), max_detections, fold_cfg.eval.sweep_metric,
-                        iou_threshold=iou, class_biases=first(val_bias, settings.class_bias),
-                        bias_class=moved, cross_class_nms=fold_cfg.eval.get("cross_class_nms"))
-        point = OperatingPoint(best["min_confidence"], best["nms"], max_detections,
-                               class_bias=tuple(best["class_bias"]), cross_class_nms=best["cross_class_nms"])
-        scored = {}
-        for name, at in (("calibrated", point), ("val_point", val_point)):
-            result = evaluate([records[i] for i in rest], [refilter(raw[i], at.scored()) for i in rest], classes,
-                              min_confidence=at.min_confidence, iou_threshold=iou, share_class=share_class).summary()
-            scored.update({f"{name}_{key}": value for key, value in result.items()
-                           if key in CALIBRATED_FIGURES or key.startswith("count_mae_")})
+        point, best = point_on_labelled(fold_cfg, [records[i] for i in chosen], [raw[i] for i in chosen], classes,
+                                        val_point, settings.class_bias)
+        scored = scored_on_rest(fold_cfg, [records[i] for i in rest], [raw[i] for i in rest], classes,
+                                {"calibrated": point, "val_point": val_point})
+        if tuning_steps:
+            scored.update(fine_tune_on_draw(fold_cfg, checkpoint, records, chosen, classes, val_point, settings,
+                                            fold_dir / f"fine_tuned{settings.images}" / f"draw{draw}"))
         draws.append({"fold": index, "draw": draw, "test_indices": " ".join(str(i) for i in chosen),
                       "class_bias": max(best["class_bias"], key=abs), "min_confidence": best["min_confidence"],
                       "nms": best["nms"], "cross_class_nms": best["cross_class_nms"],
                       f"calibration_{best['metric']}": best["value"], **scored})
     table = pd.DataFrame(draws)
-    atomic_write_text(fold_dir / f"calibrated{settings.images}.csv", table.to_csv(index=False))
+    atomic_write_text(fold_dir / f"calibrated{calibration_suffix(settings)}.csv", table.to_csv(index=False))
     means = table.drop(columns=["draw", "test_indices", "cross_class_nms"]).mean(numeric_only=True).to_dict()
     return {**means, "fold": index, "calibration_images": int(settings.images), "draws": len(table),
             "scored_images": len(records) - int(settings.images),
             "calibrated_f1_sd_draws": table.calibrated_f1.std(ddof=1)}
+
+
+def calibration_suffix(settings: DictConfig) -> str:
+    """``<n>`` or ``<n>_fine_tuned<steps>``: names a calibration's files, so a fine-tuned one keeps
+    the cheaper one's beside it."""
+    steps = int(settings.get("fine_tune", {}).get("steps", 0))
+    return f"{settings.images}_fine_tuned{steps}" if steps else f"{settings.images}"
+
+
+def point_on_labelled(fold_cfg: DictConfig, records: list[dict], raw: list, classes: list[str],
+                      val_point: OperatingPoint, class_biases) -> tuple[OperatingPoint, dict]:
+    """The point (class bias, min confidence, NMS) with the best ``eval.sweep_metric`` on a few
+    labelled images, and the sweep's best row. A few images tie often: the sweep keeps the first
+    best in grid order, so the val-chosen point (its bias, min confidence and NMS) comes first and
+    wins its ties."""
+    moved = bias_class(fold_cfg, classes)
+    val_bias = val_point.class_bias[moved] if val_point.class_bias else 0.0
+    max_detections = int(fold_cfg.eval.max_detections)
+    _, best = sweep(records, raw, classes, first(val_point.min_confidence, fold_cfg.eval.sweep_min_confidence),
+                    first(val_point.nms, fold_cfg.eval.sweep_nms), max_detections, fold_cfg.eval.sweep_metric,
+                    iou_threshold=fold_cfg.eval.iou_threshold, class_biases=first(val_bias, class_biases),
+                    bias_class=moved, cross_class_nms=fold_cfg.eval.get("cross_class_nms"))
+    return OperatingPoint(best["min_confidence"], best["nms"], max_detections, class_bias=tuple(best["class_bias"]),
+                          cross_class_nms=best["cross_class_nms"]), best
+
+
+def scored_on_rest(fold_cfg: DictConfig, records: list[dict], raw: list, classes: list[str],
+                   points: dict[str, OperatingPoint]) -> dict:
+    """``CALIBRATED_FIGURES`` and count MAE per class of ``raw`` on ``records`` at each named point,
+    as ``<name>_<figure>``."""
+    scored = {}
+    for name, at in points.items():
+        result = evaluate(records, [refilter(r, at.scored()) for r in raw], classes, min_confidence=at.min_confidence,
+                          iou_threshold=fold_cfg.eval.iou_threshold,
+                          share_class=fold_cfg.eval.get("share_class")).summary()
+        scored.update({f"{name}_{key}": value for key, value in result.items()
+                       if key in CALIBRATED_FIGURES or key.startswith("count_mae_")})
+    return scored
+
+
+def fine_tune_on_draw(fold_cfg: DictConfig, checkpoint: Path, records: list[dict], chosen: np.ndarray,
+                      classes: list[str], val_point: OperatingPoint, settings: DictConfig, tune_dir: Path) -> dict:
+    """What a lab could do with its few labelled images beyond re-cutting: fine-tune the fold's model
+    on its train split plus them (``adapt.labelled_fine_tuning``, ``settings.fine_tune``; the run in
+    ``tune_dir``, reused when finished), then score the held-out fold's other images at the
+    val-chosen point (``fine_tuned_*``). Not re-chosen on the labelled images: the tuned model has
+    learnt them, so every point of the grid scores them alike and the tie goes to the val point."""
+    tuned = labelled_fine_tuning(OmegaConf.load(checkpoint.parent.parent / "config.yaml"), load_detector(checkpoint),
+                                 [records[i] for i in chosen], settings.fine_tune, tune_dir)
+    rest = [records[i] for i in np.setdiff1d(np.arange(len(records)), chosen)]
+    raw = predict_split(fold_cfg, tuned, rest, RAW, "raw predictions, fine-tuned")
+    return scored_on_rest(fold_cfg, rest, raw, classes, {"fine_tuned": val_point})
 
 
 # What a recalibrated fold reports (and count MAE per class), at its calibrated and its val-chosen point
@@ -213,8 +259,9 @@ CALIBRATED_FIGURES = ("f1", "precision", "recall", "detection_f1", "share_mae", 
 
 def headline_columns(table: pd.DataFrame) -> list[str]:
     """The figures cross-validation reports: AP50, F1 at the chosen point, best F1, count MAE per class
-    and the share error (for recalibrated folds each at the calibrated and at the val-chosen point)."""
-    prefixes = ("calibrated_", "val_point_") if "calibration_images" in table else ("",)
+    and the share error (for recalibrated folds each at the calibrated and at the val-chosen point,
+    and fine-tuned where the fold was)."""
+    prefixes = ("calibrated_", "val_point_", "fine_tuned_") if "calibration_images" in table else ("",)
     figures = ["ap50_segm", "ap50_bbox", "f1", "precision", "recall", "best_f1", "detection_f1", "share_mae"]
     figures += sorted(c[len(prefixes[0]):] for c in table.columns if c.startswith(f"{prefixes[0]}count_mae_"))
     wanted = [f"{prefix}{figure}" for figure in figures for prefix in prefixes]
@@ -262,7 +309,7 @@ def cross_validate(cfg: DictConfig, out_dir: str | Path) -> pd.DataFrame:
         run_fold(cfg, index, out_dir)
     rows = [json.loads(p.read_text()) for i in range(k) if (p := out_dir / f"fold{i}" / FOLD_RESULT).is_file()]
     calibration = int(cfg.crossval.get("calibration", {}).get("images", 0))
-    suffix = f"_calibrated{calibration}" if calibration else ""
+    suffix = f"_calibrated{calibration_suffix(cfg.crossval.calibration)}" if calibration else ""
     if calibration:
         rows = [calibrate_fold(cfg, row["fold"], out_dir, row) for row in rows]
     table = pd.DataFrame(rows)
