@@ -319,8 +319,21 @@ def test_a_few_labelled_images_fine_tune_the_model_shown_as_half_of_what_it_sees
     assert record.labelled == str(labels.resolve()) and record.labelled_images == len(coco["images"])
     assert record.labelled_fine_tuning_steps == 4 and record.input is None  # no unlabelled folder read
 
+    # the tuning folder is reused for the same weights, images and settings, and refused for others
+    module, records = adapt.load_detector(checkpoint), shown[0]
+    again = adapt.fine_tune(OmegaConf.load(trained_run / "run" / "config.yaml"), module, records, cfg.adapt.fine_tune,
+                            tmp_path / "adapted" / "labelled_fine_tuning")
+    assert len(shown) == 2 and all(torch.equal(v, state["state_dict"][k]) for k, v in again.state_dict().items())
+    with pytest.raises(adapt.RunConfigError, match="labelled_fine_tuning was fine-tuned from other weights, on "
+                                                   "other images or with other settings; delete it"):
+        adapt.fine_tune(OmegaConf.load(trained_run / "run" / "config.yaml"), module, records[1:], cfg.adapt.fine_tune,
+                        tmp_path / "adapted" / "labelled_fine_tuning")
+    with pytest.raises(ValueError, match="fine-tuning steps=0: give 1 or more"):
+        adapt.fine_tune(OmegaConf.load(trained_run / "run" / "config.yaml"), module, records,
+                        OmegaConf.merge(cfg.adapt.fine_tune, {"steps": 0}), tmp_path / "elsewhere")
 
-def test_labelled_images_of_other_classes_or_a_missing_file_are_refused_by_name(trained_run, tmp_path):  # noqa: F811
+
+def test_labelled_images_of_other_classes_boxes_only_or_a_missing_file_are_refused_by_name(trained_run, tmp_path):  # noqa: F811
     from leukodet.engine.adapt import adapt_run
 
     checkpoint = trained_run / "run" / "checkpoints" / "last.ckpt"
@@ -328,6 +341,10 @@ def test_labelled_images_of_other_classes_or_a_missing_file_are_refused_by_name(
     with pytest.raises(ValueError, match=rf"adapt.labelled={re.escape(str(renamed))}: its classes are \['blast', "
                                          r"'other'\], the checkpoint's"):
         adapt_run(compose(f"ckpt={checkpoint}", f"adapt.labelled={renamed}", config_name="adapt"), tmp_path / "a")
+    boxes = labelled_copy(trained_run, tmp_path / "scanner3")
+    boxes.write_text(json.dumps({**json.loads(boxes.read_text()), "leukodet": {"box_only": True}}))
+    with pytest.raises(ValueError, match="scanner3/labels.json: its labels are boxes only, and the checkpoint segments"):
+        adapt_run(compose(f"ckpt={checkpoint}", f"adapt.labelled={boxes}", config_name="adapt"), tmp_path / "a")
     with pytest.raises(FileNotFoundError, match="adapt.labelled=.*nowhere.json: no such file"):
         adapt_run(compose(f"ckpt={checkpoint}", f"adapt.labelled={tmp_path / 'nowhere.json'}", config_name="adapt"),
                   tmp_path / "a")

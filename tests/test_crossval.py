@@ -20,7 +20,7 @@ from conftest import REPO, compose
 from leukodet.data.prepare import fold_split, split_records
 from leukodet.engine.crossval import calibration_draws, val_chosen_point
 from leukodet.data.records import ImageRecord, Region
-from leukodet.structures import SAME_CELL_IOU
+from leukodet.structures import SAME_CELL_IOU, OperatingPoint
 
 K = 3
 PATIENT = re.compile(r"patient(\d+)")
@@ -193,7 +193,7 @@ def test_recalibration_on_held_out_images_reuses_the_folds_and_scores_the_rest(c
         first_draw = pd.read_csv(out / f"fold{index}" / "calibrated3.csv").iloc[0]
         assert draw.test_indices.tolist() == [first_draw.test_indices]  # the same labelled images
         assert draw.calibrated_f1.iloc[0] == pytest.approx(first_draw.calibrated_f1)
-        assert OmegaConf.load(out / f"fold{index}" / "fine_tuned3" / "draw0" / "config.yaml").train.max_steps == 2
+        assert OmegaConf.load(out / f"fold{index}" / "calibrated3_fine_tuned2" / "draw0" / "config.yaml").train.max_steps == 2
     assert len(pd.read_csv(out / "folds_calibrated3.csv")) == K  # the re-cut figures stay
 
 
@@ -206,6 +206,31 @@ def test_calibration_draws_are_fixed_by_seed_and_leave_images_to_score():
     for n in (0, 8):
         with pytest.raises(ValueError, match=f"crossval.calibration.images={n}: give 1..7"):
             calibration_draws(records, n, 1, seed=0, fold=1)
+
+
+def test_a_fold_is_fine_tuned_on_its_draw_and_scored_on_the_other_images_only(tmp_path, monkeypatch):
+    from leukodet.engine import crossval
+
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    records = [{"file_name": f"{i}.png", "annotations": []} for i in range(8)]
+    chosen, seen = np.array([1, 4, 6]), {}
+    monkeypatch.setattr(crossval, "load_detector", lambda path: "trained model")
+    monkeypatch.setattr(crossval, "labelled_fine_tuning", lambda trained, module, labelled, settings, out: seen.update(
+        tuned_on=labelled, tuned_from=module) or "tuned model")
+    monkeypatch.setattr(crossval, "predict_split", lambda cfg, module, records, point, desc: seen.update(
+        predicted=records, by=module) or [f"raw {r['file_name']}" for r in records])
+    monkeypatch.setattr(crossval, "scored_on_rest", lambda cfg, records, raw, classes, points: seen.update(
+        scored=records, raw=raw, points=points) or {"fine_tuned_f1": 1.0})
+    val_point = OperatingPoint(0.7, 0.3, 100)
+    settings = OmegaConf.create({"fine_tune": {"steps": 2, "lr_factor": 0.1, "labelled_share": 0.5}})
+    figures = crossval.fine_tune_on_draw(None, tmp_path / "checkpoints" / "best.ckpt", records, chosen, ["a"],
+                                         val_point, settings, tmp_path / "tuned")
+
+    assert figures == {"fine_tuned_f1": 1.0} and seen["tuned_from"] == "trained model" and seen["by"] == "tuned model"
+    assert [r["file_name"] for r in seen["tuned_on"]] == ["1.png", "4.png", "6.png"]
+    rest = ["0.png", "2.png", "3.png", "5.png", "7.png"]  # no labelled image is scored
+    assert [r["file_name"] for r in seen["predicted"]] == [r["file_name"] for r in seen["scored"]] == rest
+    assert seen["raw"] == [f"raw {name}" for name in rest] and seen["points"] == {"fine_tuned": val_point}
 
 
 @pytest.mark.long

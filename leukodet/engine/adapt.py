@@ -19,8 +19,11 @@ take it as they take any checkpoint.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import shutil
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,7 +45,7 @@ from leukodet.engine.evaluate import (bias_class, choose_on_val, load_detector, 
                                       read_checkpoint, require_bias_per_class, run_config)
 from leukodet.engine.inference.discovery import discover_images
 from leukodet.engine.module import DetectionModule
-from leukodet.engine.train import fit
+from leukodet.engine.train import RunConfigError, fit
 from leukodet.evaluation.boundary import MIN_CELLS, ROUGH_CELLS, class_margins, otsu_threshold, reference_valley
 from leukodet.evaluation.sweep import load_thresholds, one_class_bias, save_thresholds
 from leukodet.io import atomic_write_text
@@ -194,19 +197,42 @@ def self_train(run_cfg: DictConfig, trained: DictConfig, module: DetectionModule
 
 
 def fine_tune(trained: DictConfig, module: DetectionModule, extra_train: list[dict], settings: DictConfig,
-              out_dir: Path, callbacks: list[L.Callback] = ()) -> DetectionModule:
+              out_dir: Path, callbacks: Sequence[L.Callback] = ()) -> DetectionModule:
     """``module`` fine-tuned from its weights on ``trained``'s train split plus ``extra_train`` for
-    ``settings.steps`` steps at ``train.lr`` x ``settings.lr_factor`` (a run in ``out_dir``, its
-    config holding ``settings``, so a folder tuned one way is not resumed another way); returns the
-    model at its last step."""
+    ``settings.steps`` steps at ``train.lr`` x ``settings.lr_factor`` (a run in ``out_dir``); returns
+    the model at its last step. The run's config holds ``settings`` and digests of the weights it
+    started from and of ``extra_train``, so a folder tuned from other weights, on other images or
+    with other settings is refused by name, not resumed or reused."""
+    if int(settings.steps) < 1:
+        raise ValueError(f"fine-tuning steps={settings.steps}: give 1 or more (e.g. 400)")
     tuning = OmegaConf.create(OmegaConf.to_container(trained, resolve=True))
-    tuning.fine_tuning = OmegaConf.to_container(settings, resolve=True)
+    tuning.fine_tuning = {**OmegaConf.to_container(settings, resolve=True), "from_weights": weights_digest(module),
+                          "extra_images": records_digest(extra_train)}
     tuning.train.max_steps = tuning.train.steps_per_epoch = int(settings.steps)
     tuning.train.warmup_steps = min(int(tuning.train.warmup_steps), int(settings.steps) // 10)
     tuning.train.lr = float(tuning.train.lr) * float(settings.lr_factor)
     tuning.train.run_dir = str(out_dir)
-    result = fit(tuning, out_dir, extra_train=extra_train, init_weights=module.state_dict(), callbacks=callbacks)
+    try:
+        result = fit(tuning, out_dir, extra_train=extra_train, init_weights=module.state_dict(), callbacks=callbacks)
+    except RunConfigError as err:  # its own advice (train.resume, train.run_dir) does not reach this run
+        raise RunConfigError(f"{out_dir} was fine-tuned from other weights, on other images or with other settings; "
+                             f"delete it to tune again ({err})") from None
     return load_detector(result.last_checkpoint)
+
+
+def weights_digest(module: DetectionModule) -> str:
+    """A digest of ``module``'s weights (which model a fine-tuning started from)."""
+    digest = hashlib.sha1()
+    for name, value in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def records_digest(records: list[dict]) -> str:
+    """A digest of dataset dicts: their files and labels, in order."""
+    return hashlib.sha1(json.dumps([[r["file_name"], r.get("annotations", [])] for r in records], sort_keys=True,
+                                   default=str).encode()).hexdigest()
 
 
 def labelled_records(path: str | Path, module: DetectionModule) -> list[dict]:
@@ -223,6 +249,9 @@ def labelled_records(path: str | Path, module: DetectionModule) -> list[dict]:
                          f"label the same classes in the same order")
     if not labelled_cells(records):
         raise ValueError(f"adapt.labelled={path}: no labelled cell in its {len(records)} images")
+    if meta["box_only"] and not module.hparams.box_only:
+        raise ValueError(f"adapt.labelled={path}: its labels are boxes only, and the checkpoint segments cells; "
+                         f"give outlines (polygons)")
     return records
 
 
@@ -233,7 +262,7 @@ def labelled_fine_tuning(trained: DictConfig, module: DetectionModule, labelled:
     the images it is shown: ten images among hundreds would otherwise pass a few times each and
     move nothing."""
     share = float(settings.labelled_share)
-    if not labelled or not 0 < share < 1:
+    if not labelled or not 0 < share < 1:  # fine_tune checks the steps
         raise ValueError(f"labelled fine-tuning: {len(labelled)} labelled images, labelled_share={share}: give at "
                          f"least one image and a share between 0 and 1 (e.g. 0.5)")
     ensure_prepared(trained.data)
@@ -312,7 +341,8 @@ def labelled_cells(records: list[dict]) -> int:
 
 def adapt_run(cfg: DictConfig, out_dir: str | Path) -> Path:
     """Adapt ``ckpt``'s run to a new acquisition (``adapt.stain``, ``adapt.batchnorm``,
-    ``adapt.self_training``, ``adapt.class_bias``: all but the first read the images under ``input``) and
+    ``adapt.self_training``, ``adapt.class_bias``: all but the first read the images under ``input``;
+    ``adapt.labelled``: fine-tuned on a few labelled ones, ``labelled_fine_tuning``) and
     write the adapted run
     into ``out_dir``; returns the adapted checkpoint's path. Stain normalization reads no new image:
     each is mapped onto the training reference alone when it is predicted."""
@@ -339,6 +369,8 @@ def adapt_run(cfg: DictConfig, out_dir: str | Path) -> Path:
                          f"moved ({trained.adapted.class_bias}); adapt the checkpoint it came from: "
                          f"{trained.adapted['from']}")
     images = sample(discover_images(cfg.input)[1], int(settings.images), int(cfg.seed)) if cfg.get("input") else []
+    module = load_detector(checkpoint)
+    labelled = labelled_records(settings.labelled, module) if settings.get("labelled") else []
     ensure_prepared(run_cfg.data)  # the train split: the stain reference's images, self-training's labelled half
     if settings.stain != "none":
         records = sample(get_dataset_dicts(split_name(run_cfg.data.name, "train")), int(settings.reference_images),
@@ -348,8 +380,6 @@ def adapt_run(cfg: DictConfig, out_dir: str | Path) -> Path:
         trained.preprocess = with_stain_step(trained.preprocess, settings.stain, reference)
         logger.info("stain normalization (%s) to the training images' reference, fitted on %d of them: %s",
                     settings.stain, len(records), reference)
-    module = load_detector(checkpoint)
-    labelled = labelled_records(settings.labelled, module) if settings.get("labelled") else []
     used = cells = 0
     if settings.batchnorm:
         mapper = DatasetMapper(trained.preprocess)

@@ -8,7 +8,7 @@ scores the held-out fold once at that point. Nothing is chosen on a held-out fol
 ``crossval.calibration.images`` > 0 adds what a lab could do on a new scanner: label a few of its
 images and re-choose the operating point, class bias included, on them (``calibrate_fold``). The
 figures then come from the held-out fold's other images only, beside the val-chosen point's on the
-same images."""
+same images; with ``crossval.calibration.fine_tune.steps``, also the fold's model fine-tuned on them."""
 
 from __future__ import annotations
 
@@ -165,10 +165,10 @@ def calibrate_fold(cfg: DictConfig, index: int, out_dir: Path, row: dict) -> dic
     fold: for each draw, the point (class bias, min confidence, NMS) with the best ``eval.sweep_metric``
     on them, scored on the other held-out images, with the val-chosen point (``row``) on those same
     images for comparison. With ``crossval.calibration.fine_tune.steps`` > 0, the fold's model is
-    also fine-tuned on its train split plus the draw's labelled images (``fine_tune_on_draw``).
-    Returns the fold's row of means over the draws; writes every draw to
-    ``fold<i>/calibrated<n>[_fine_tuned<steps>].csv`` (``test_indices``: its calibration images,
-    indices into the fold's test split)."""
+    also fine-tuned on its train split plus the draw's labelled images (``fine_tune_on_draw``; runs
+    in ``fold<i>/calibrated<n>_fine_tuned<steps>/draw<d>/``). Returns the fold's row of means over the
+    draws (and the sd of F1 over them); writes every draw to ``fold<i>/calibrated<n>[_fine_tuned<steps>].csv``
+    (``test_indices``: its calibration images, indices into the fold's test split)."""
     settings = cfg.crossval.calibration
     fold_dir = out_dir / f"fold{index}"
     fold_cfg = fold_config(cfg, index, fold_dir)
@@ -188,7 +188,7 @@ def calibrate_fold(cfg: DictConfig, index: int, out_dir: Path, row: dict) -> dic
                                 {"calibrated": point, "val_point": val_point})
         if tuning_steps:
             scored.update(fine_tune_on_draw(fold_cfg, checkpoint, records, chosen, classes, val_point, settings,
-                                            fold_dir / f"fine_tuned{settings.images}" / f"draw{draw}"))
+                                            fold_dir / f"calibrated{calibration_suffix(settings)}" / f"draw{draw}"))
         draws.append({"fold": index, "draw": draw, "test_indices": " ".join(str(i) for i in chosen),
                       "class_bias": max(best["class_bias"], key=abs), "min_confidence": best["min_confidence"],
                       "nms": best["nms"], "cross_class_nms": best["cross_class_nms"],
@@ -196,9 +196,10 @@ def calibrate_fold(cfg: DictConfig, index: int, out_dir: Path, row: dict) -> dic
     table = pd.DataFrame(draws)
     atomic_write_text(fold_dir / f"calibrated{calibration_suffix(settings)}.csv", table.to_csv(index=False))
     means = table.drop(columns=["draw", "test_indices", "cross_class_nms"]).mean(numeric_only=True).to_dict()
+    spread = {f"{name}_f1_sd_draws": table[f"{name}_f1"].std(ddof=1) for name in ("calibrated", "fine_tuned")
+              if f"{name}_f1" in table}
     return {**means, "fold": index, "calibration_images": int(settings.images), "draws": len(table),
-            "scored_images": len(records) - int(settings.images),
-            "calibrated_f1_sd_draws": table.calibrated_f1.std(ddof=1)}
+            "scored_images": len(records) - int(settings.images), **spread}
 
 
 def calibration_suffix(settings: DictConfig) -> str:
@@ -297,7 +298,8 @@ def cross_validate(cfg: DictConfig, out_dir: str | Path) -> pd.DataFrame:
     """Run ``crossval.folds`` (null: every fold) in ``out_dir``, then write ``folds.csv`` (a row per
     finished fold, those of other processes included), ``crossval_summary.csv`` (mean, sd, folds) and
     ``folds.png``, and log both tables; with ``crossval.calibration.images`` = n > 0, the recalibrated
-    folds' ``folds_calibrated<n>.csv`` etc. instead. Returns the summary."""
+    folds' ``folds_calibrated<n>.csv`` etc. instead (``folds_calibrated<n>_fine_tuned<steps>.csv`` with
+    ``crossval.calibration.fine_tune.steps``). Returns the summary."""
     out_dir = Path(out_dir)
     k = fold_count(cfg)
     wanted = list(range(k)) if cfg.crossval.folds is None else [int(i) for i in cfg.crossval.folds]
@@ -321,8 +323,10 @@ def cross_validate(cfg: DictConfig, out_dir: str | Path) -> pd.DataFrame:
     point = ["calibration_images", "scored_images", "class_bias"] if calibration else ["test_images"]
     shown = ["fold", *point, "min_confidence", "nms", *headline_columns(table)]
     means = "\n".join(f"{r.metric}: {r['mean']:.3f} +- {r.sd:.3f} ({r.folds} folds)" for _, r in summary.iterrows())
+    tuned = int(cfg.crossval.get("calibration", {}).get("fine_tune", {}).get("steps", 0))
     logger.info("%d of %d folds finished (%s, seed %s, %s steps%s)\n%s\n%s%s", len(table), k, cfg.crossval.by,
-                cfg.seed, cfg.train.max_steps, f"; recalibrated on {calibration} held-out images, means of the draws"
+                cfg.seed, cfg.train.max_steps, f"; recalibrated on {calibration} held-out images"
+                f"{f' (and fine-tuned on them, {tuned} steps)' if tuned else ''}, means of the draws"
                 if calibration else "", table[shown].to_string(index=False, float_format=lambda v: f"{v:.3f}"), means,
                 by_source)
     return summary
