@@ -211,10 +211,8 @@ def test_calibration_draws_are_fixed_by_seed_and_leave_images_to_score():
 def test_a_fold_is_fine_tuned_on_its_draw_and_scored_on_the_other_images_only(tmp_path, monkeypatch):
     from leukodet.engine import crossval
 
-    (tmp_path / "config.yaml").write_text("seed: 0\n")
     records = [{"file_name": f"{i}.png", "annotations": []} for i in range(8)]
     chosen, seen = np.array([1, 4, 6]), {}
-    monkeypatch.setattr(crossval, "load_detector", lambda path: "trained model")
     monkeypatch.setattr(crossval, "labelled_fine_tuning", lambda trained, module, labelled, settings, out: seen.update(
         tuned_on=labelled, tuned_from=module) or "tuned model")
     monkeypatch.setattr(crossval, "predict_split", lambda cfg, module, records, point, desc: seen.update(
@@ -223,8 +221,8 @@ def test_a_fold_is_fine_tuned_on_its_draw_and_scored_on_the_other_images_only(tm
         scored=records, raw=raw, points=points) or {"fine_tuned_f1": 1.0})
     val_point = OperatingPoint(0.7, 0.3, 100)
     settings = OmegaConf.create({"fine_tune": {"steps": 2, "lr_factor": 0.1, "labelled_share": 0.5}})
-    figures = crossval.fine_tune_on_draw(None, tmp_path / "checkpoints" / "best.ckpt", records, chosen, ["a"],
-                                         val_point, settings, tmp_path / "tuned")
+    figures = crossval.fine_tune_on_draw(None, "trained model", records, chosen, ["a"], val_point, settings,
+                                         tmp_path / "tuned")
 
     assert figures == {"fine_tuned_f1": 1.0} and seen["tuned_from"] == "trained model" and seen["by"] == "tuned model"
     assert [r["file_name"] for r in seen["tuned_on"]] == ["1.png", "4.png", "6.png"]

@@ -236,8 +236,9 @@ def records_digest(records: list[dict]) -> str:
 
 
 def labelled_records(path: str | Path, module: DetectionModule) -> list[dict]:
-    """The labelled images of ``adapt.labelled`` (a COCO file) as dataset dicts; refuses a file
-    whose classes are not the checkpoint's, or with no labelled cell, naming it."""
+    """The labelled images of ``adapt.labelled`` (a COCO file) as dataset dicts; refuses, naming it,
+    a file whose classes are not the checkpoint's, with no labelled cell, or of boxes only for a
+    model that segments."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapt.labelled={path}: no such file (give a COCO file of the new acquisition's "

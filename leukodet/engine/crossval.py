@@ -29,6 +29,7 @@ from leukodet.data.pipeline import ensure_prepared
 from leukodet.engine.adapt import labelled_fine_tuning
 from leukodet.engine.evaluate import (bias_class, cached_raw_predictions, choose_on_val, load_detector,
                                       predict_split, score_split)
+from leukodet.engine.module import DetectionModule
 from leukodet.engine.train import RunConfigError, config_differences, fit
 from leukodet.evaluation.metrics import evaluate, evaluate_by_source
 from leukodet.evaluation.sweep import sweep
@@ -174,10 +175,10 @@ def calibrate_fold(cfg: DictConfig, index: int, out_dir: Path, row: dict) -> dic
     fold_cfg = fold_config(cfg, index, fold_dir)
     register_datasets(fold_cfg.data)
     checkpoint = fold_dir / "checkpoints" / row["best_checkpoint"]
-    records, raw = cached_raw_predictions(fold_cfg, load_detector(checkpoint), checkpoint, "test")
+    module = load_detector(checkpoint)
+    records, raw = cached_raw_predictions(fold_cfg, module, checkpoint, "test")
     classes = get_metadata(split_name(fold_cfg.data.name, "test"))["thing_classes"]
     val_point = val_chosen_point(fold_cfg, row)
-    tuning_steps = int(settings.get("fine_tune", {}).get("steps", 0))
     draws = []
     chosen_sets = calibration_draws(records, int(settings.images), int(settings.draws), int(cfg.seed), index)
     for draw, chosen in enumerate(chosen_sets):
@@ -186,8 +187,8 @@ def calibrate_fold(cfg: DictConfig, index: int, out_dir: Path, row: dict) -> dic
                                         val_point, settings.class_bias)
         scored = scored_on_rest(fold_cfg, [records[i] for i in rest], [raw[i] for i in rest], classes,
                                 {"calibrated": point, "val_point": val_point})
-        if tuning_steps:
-            scored.update(fine_tune_on_draw(fold_cfg, checkpoint, records, chosen, classes, val_point, settings,
+        if fine_tune_steps(settings):
+            scored.update(fine_tune_on_draw(fold_cfg, module, records, chosen, classes, val_point, settings,
                                             fold_dir / f"calibrated{calibration_suffix(settings)}" / f"draw{draw}"))
         draws.append({"fold": index, "draw": draw, "test_indices": " ".join(str(i) for i in chosen),
                       "class_bias": max(best["class_bias"], key=abs), "min_confidence": best["min_confidence"],
@@ -202,10 +203,15 @@ def calibrate_fold(cfg: DictConfig, index: int, out_dir: Path, row: dict) -> dic
             "scored_images": len(records) - int(settings.images), **spread}
 
 
+def fine_tune_steps(settings: DictConfig) -> int:
+    """``crossval.calibration.fine_tune.steps`` (0: the folds are recalibrated, not fine-tuned)."""
+    return int(settings.get("fine_tune", {}).get("steps", 0))
+
+
 def calibration_suffix(settings: DictConfig) -> str:
     """``<n>`` or ``<n>_fine_tuned<steps>``: names a calibration's files, so a fine-tuned one keeps
     the cheaper one's beside it."""
-    steps = int(settings.get("fine_tune", {}).get("steps", 0))
+    steps = fine_tune_steps(settings)
     return f"{settings.images}_fine_tuned{steps}" if steps else f"{settings.images}"
 
 
@@ -240,15 +246,14 @@ def scored_on_rest(fold_cfg: DictConfig, records: list[dict], raw: list, classes
     return scored
 
 
-def fine_tune_on_draw(fold_cfg: DictConfig, checkpoint: Path, records: list[dict], chosen: np.ndarray,
+def fine_tune_on_draw(fold_cfg: DictConfig, module: DetectionModule, records: list[dict], chosen: np.ndarray,
                       classes: list[str], val_point: OperatingPoint, settings: DictConfig, tune_dir: Path) -> dict:
     """What a lab could do with its few labelled images beyond re-cutting: fine-tune the fold's model
-    on its train split plus them (``adapt.labelled_fine_tuning``, ``settings.fine_tune``; the run in
+    (``module``, trained with ``fold_cfg``) on its train split plus them (``adapt.labelled_fine_tuning``, ``settings.fine_tune``; the run in
     ``tune_dir``, reused when finished), then score the held-out fold's other images at the
     val-chosen point (``fine_tuned_*``). Not re-chosen on the labelled images: the tuned model has
     learnt them, so every point of the grid scores them alike and the tie goes to the val point."""
-    tuned = labelled_fine_tuning(OmegaConf.load(checkpoint.parent.parent / "config.yaml"), load_detector(checkpoint),
-                                 [records[i] for i in chosen], settings.fine_tune, tune_dir)
+    tuned = labelled_fine_tuning(fold_cfg, module, [records[i] for i in chosen], settings.fine_tune, tune_dir)
     rest = [records[i] for i in np.setdiff1d(np.arange(len(records)), chosen)]
     raw = predict_split(fold_cfg, tuned, rest, RAW, "raw predictions, fine-tuned")
     return scored_on_rest(fold_cfg, rest, raw, classes, {"fine_tuned": val_point})
@@ -323,7 +328,7 @@ def cross_validate(cfg: DictConfig, out_dir: str | Path) -> pd.DataFrame:
     point = ["calibration_images", "scored_images", "class_bias"] if calibration else ["test_images"]
     shown = ["fold", *point, "min_confidence", "nms", *headline_columns(table)]
     means = "\n".join(f"{r.metric}: {r['mean']:.3f} +- {r.sd:.3f} ({r.folds} folds)" for _, r in summary.iterrows())
-    tuned = int(cfg.crossval.get("calibration", {}).get("fine_tune", {}).get("steps", 0))
+    tuned = fine_tune_steps(cfg.crossval.calibration) if calibration else 0
     logger.info("%d of %d folds finished (%s, seed %s, %s steps%s)\n%s\n%s%s", len(table), k, cfg.crossval.by,
                 cfg.seed, cfg.train.max_steps, f"; recalibrated on {calibration} held-out images"
                 f"{f' (and fine-tuned on them, {tuned} steps)' if tuned else ''}, means of the draws"
