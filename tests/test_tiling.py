@@ -16,10 +16,10 @@ import torch
 from pycocotools import mask as mask_utils
 
 from leukodet.engine.predictor import predict_original
-from leukodet.engine.tiling import (TileGrid, TileScale, TrainedScale, Tiling, measure_trained_scale, predict_tiled,
-                                    run_tiling, seam_survivors, scale_warning)
+from leukodet.engine.tiling import (TileGrid, TileScale, TrainedScale, Tiling, measure_trained_scale, merge_tiles,
+                                    predict_tiled, run_tiling, seam_survivors, scale_warning)
 from leukodet.data.via_export import mask_polygon
-from leukodet.structures import OperatingPoint, crop_rle, mask_box, region_rle
+from leukodet.structures import ImagePredictions, OperatingPoint, crop_rle, mask_box, region_rle
 
 DIAMETER = 30
 POINT = OperatingPoint(0.5, 0.5, 300)
@@ -133,6 +133,19 @@ def test_a_cell_its_own_tile_misses_is_kept_whole_from_a_neighbour_and_pieces_ne
     sample, truths = smear(300, 128, [owned, cut])
     prediction = predict_tiled(DiscDetector(), sample, SCALE, POINT, batch_size=1)
     assert len(prediction) == 2 and min(matched(prediction, truths)) == 1.0  # each once, whole
+
+
+@pytest.mark.parametrize("scores", [(0.9, 0.95), (0.95, 0.9)])
+def test_a_cell_both_tiles_see_cut_with_its_centre_in_the_others_core_is_kept_once(scores):
+    # a cell wider than the overlap, cut by 1-2 px in either tile (seen in a 400-field mosaic): by
+    # its own box centre each view belonged to the other tile, and both were dropped
+    windows, cores = [(0, 0, 150, 120), (50, 0, 200, 120)], [(0, 0, 100, 120), (100, 0, 200, 120)]
+    views = [np.array([[52, 10, 150, 110]], np.float32), np.array([[50, 10, 148, 110]], np.float32)]
+    parts = [ImagePredictions(box, np.array([score], np.float32), np.zeros(1, np.int64), None)
+             for box, score in zip(views, scores)]
+    merged = merge_tiles(parts, cores, windows, (200, 120))
+    best = int(np.argmax(scores))  # its centre lies in the other tile's core: that tile's view is kept
+    assert len(merged) == 1 and merged.boxes[0].tolist() == views[1 - best][0].tolist()
 
 
 def test_a_cell_on_the_corner_of_four_tiles_is_kept_once_and_whole():

@@ -13,14 +13,16 @@ the size its training images had (``TrainedScale.network_resizes``).
 
 Merge (the StarDist ``predict_instances_big`` idea, with SAHI's duplicate check at the seams):
 the tiles' cores partition the image, each core running to the middle of the overlap with its
-neighbours; a detection is kept from the tile whose core holds its box centre. With an overlap of
-at least one cell diameter a cell whose centre lies in a core is whole in that tile, and a piece of
-a cut cell has its centre in another tile's core, so each cell is kept once and never split. A
+neighbours; a detection is kept from the tile whose core holds its cell's centre, the box centre of
+the best-scoring view of that cell from any tile (``owning_centres``), so that two tiles' views
+agree on the owner whatever their boxes' jitter. With an overlap of at least one cell diameter a
+cell whose centre lies in a core is whole in that tile, and a piece of a cut cell has its centre
+in another tile's core, so each cell is kept once and never split. A
 cell that tile does not find (seen on the mosaics: the same cell found alone, missed beside other
 fields) is still kept from a neighbour that sees it whole, its box clear of that tile's inner
-edges: a piece always touches the edge that cuts it. Views of one cell from two tiles (centres on
-either side of a core edge by box jitter, or such a whole view beside the owner's) are caught
-after: of two boxes from different tiles with IoU above ``SEAM_IOU``, the lower score goes.
+edges: a piece always touches the edge that cuts it. Views of one cell from two tiles (such a
+whole view beside the owner's) are caught after: of two boxes from different tiles with IoU above
+``SEAM_IOU``, the lower score goes.
 
 Masks are written by region: each kept mask is encoded as a COCO RLE of the whole image from its
 own crop (``region_rle``), never as one full-size array per cell.
@@ -188,41 +190,72 @@ def clear_of_inner_edges(boxes: np.ndarray, window: tuple[float, float, float, f
 
 def merge_tiles(parts: Sequence[ImagePredictions], cores: Sequence[tuple[float, float, float, float]],
                 windows: Sequence[tuple[float, float, float, float]], image_size: tuple[float, float]) -> ImagePredictions:
-    """Each tile's detections (file pixels) kept where their box centre lies in that tile's core, or
-    where they are whole in that tile (``clear_of_inner_edges`` of its window), then the seam check
-    across tiles (see the module doc). ``cores``, ``windows``, ``image_size``: file pixels."""
-    kept, tile_of = [], []
-    for index, (part, (cx0, cy0, cx1, cy1), window) in enumerate(zip(parts, cores, windows)):
-        centre_x = (part.boxes[:, 0] + part.boxes[:, 2]) / 2
-        centre_y = (part.boxes[:, 1] + part.boxes[:, 3]) / 2
-        inside = (centre_x >= cx0) & (centre_x < cx1) & (centre_y >= cy0) & (centre_y < cy1)
-        inside |= clear_of_inner_edges(part.boxes, window, image_size)
-        kept.append(part.select(np.nonzero(inside)[0]))
-        tile_of.append(np.full(int(inside.sum()), index))
-    merged = concatenate(kept)
-    tiles = np.concatenate(tile_of) if tile_of else np.zeros(0, int)
+    """Each tile's detections (file pixels) kept where their cell's centre (``owning_centres``) lies
+    in that tile's core, or where they are whole in that tile (``clear_of_inner_edges`` of its
+    window), then the seam check across tiles (see the module doc). ``cores``, ``windows``,
+    ``image_size``: file pixels."""
+    merged = concatenate(parts)
+    tiles = np.concatenate([np.full(len(part), index) for index, part in enumerate(parts)]).astype(np.int64)
+    if not len(merged):
+        return merged
+    whole = np.concatenate([clear_of_inner_edges(part.boxes, window, image_size)
+                            for part, window in zip(parts, windows)])
+    centre, core = owning_centres(merged.boxes, merged.scores), np.asarray(cores, np.float64)[tiles]
+    inside = ((centre[:, 0] >= core[:, 0]) & (centre[:, 0] < core[:, 2]) & (centre[:, 1] >= core[:, 1])
+              & (centre[:, 1] < core[:, 3]))
+    keep = np.nonzero(inside | whole)[0]
+    merged, tiles = merged.select(keep), tiles[keep]
     if len(merged) < 2 or len(set(tiles.tolist())) < 2:
         return merged
     return merged.select(np.sort(seam_survivors(merged.boxes, merged.scores, tiles)))
 
 
-def seam_survivors(boxes: np.ndarray, scores: np.ndarray, tiles: np.ndarray) -> np.ndarray:
-    """Greedy by score: a box goes when a kept box of another tile overlaps it above ``SEAM_IOU``.
-    Boxes that overlap that much have centres closer than the largest box side, so each box is
-    compared only with the kept boxes in the 3x3 grid squares of that side around its centre: the
-    cost grows with the cells, not their square (a 36 MP field holds thousands)."""
+def grid_squares(boxes: np.ndarray) -> np.ndarray:
+    """(N, 2): each box's square of a grid whose side is the largest box side. Boxes that overlap
+    above ``SEAM_IOU`` have centres closer than that side, so each box need be compared only with
+    the boxes in the 3x3 squares around its own (``near``): the cost grows with the cells, not
+    their square (a 36 MP field holds thousands)."""
     side = max(float(np.max(boxes[:, 2:] - boxes[:, :2])), 1.0)
-    squares = np.floor((boxes[:, :2] + boxes[:, 2:]) / 2 / side).astype(np.int64)
-    kept_in: dict[tuple[int, int], list[int]] = {}
-    keep = []
+    return np.floor((boxes[:, :2] + boxes[:, 2:]) / 2 / side).astype(np.int64)
+
+
+def near(members: dict[tuple[int, int], list[int]], square: np.ndarray) -> list[int]:
+    """The boxes listed in ``members`` (by square) in the 3x3 squares around ``square``."""
+    gx, gy = (int(v) for v in square)
+    return [j for dx in (-1, 0, 1) for dy in (-1, 0, 1) for j in members.get((gx + dx, gy + dy), ())]
+
+
+def owning_centres(boxes: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """(N, 2): the centre that decides which tile's core owns each box: that of the best-scoring
+    box, of any tile, overlapping it above ``SEAM_IOU`` (greedy by score, as NMS groups boxes).
+    Two tiles' views of a cell then agree on its owner; by their own centres, box jitter can put
+    each view's centre in the other tile's core, and a cell that neither tile holds whole (wider
+    than the overlap) was dropped from both (seen once in a 400-field mosaic)."""
+    squares, members = grid_squares(boxes), {}
+    for index, square in enumerate(squares):
+        members.setdefault((int(square[0]), int(square[1])), []).append(index)
+    owner = np.full(len(boxes), -1, np.int64)
     for i in np.argsort(-scores, kind="stable"):
-        gx, gy = squares[i]
-        near = [j for dx in (-1, 0, 1) for dy in (-1, 0, 1) for j in kept_in.get((gx + dx, gy + dy), ())]
-        others = [j for j in near if tiles[j] != tiles[i]]
+        if owner[i] >= 0:
+            continue
+        owner[i] = i
+        free = np.asarray([j for j in near(members, squares[i]) if owner[j] < 0], np.int64)
+        if len(free):
+            overlapping = box_iou(torch.from_numpy(boxes[i:i + 1]), torch.from_numpy(boxes[free]))[0] > SEAM_IOU
+            owner[free[overlapping.numpy()]] = i
+    return ((boxes[:, :2] + boxes[:, 2:]) / 2)[owner]
+
+
+def seam_survivors(boxes: np.ndarray, scores: np.ndarray, tiles: np.ndarray) -> np.ndarray:
+    """Greedy by score: a box goes when a kept box of another tile overlaps it above ``SEAM_IOU``
+    (compared within ``grid_squares``)."""
+    squares, kept_in, keep = grid_squares(boxes), {}, []
+    for i in np.argsort(-scores, kind="stable"):
+        others = [j for j in near(kept_in, squares[i]) if tiles[j] != tiles[i]]
         if others and (box_iou(torch.from_numpy(boxes[i:i + 1]), torch.from_numpy(boxes[others])) > SEAM_IOU).any():
             continue
         keep.append(i)
-        kept_in.setdefault((int(gx), int(gy)), []).append(i)
+        kept_in.setdefault((int(squares[i][0]), int(squares[i][1])), []).append(i)
     return np.asarray(keep, np.int64)
 
 
