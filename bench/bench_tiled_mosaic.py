@@ -18,7 +18,10 @@ edges) of the same fields predicted one by one (whole and tiled; the 1-field row
 1). ``f1_interior`` and ``f1_per_field_interior_tiled``: the same F1s over the cells away from the
 fields' edges (``--edge-band``, 0.5 cell diameters: a field's border cuts the cells there, and a
 mosaic puts those pieces beside another field's or the background, which no camera frame has;
-seams between tiles fall anywhere, so these columns still hold every seam).
+seams between tiles fall anywhere, so these columns still hold every seam). ``*_cut_ignored``:
+every true cell, and the predictions less those on no true cell whose box comes within ``--touch``
+(0.1) cell diameters of a field's border: the labels leave out the cells a field's border cuts, so
+those are ignored, as COCO ignores predictions in unlabelled regions (alone and in mosaics alike).
 ``--cell-diameter`` is the fields' scale given to the tiler, as a lab gives its microscope's
 (default: the median equivalent diameter of the fields' own annotations, times the resampling).
 ``--sahi`` adds rows of SAHI's sliced prediction (``pip install sahi``) over the same
@@ -172,6 +175,20 @@ def in_field_interior(record: dict, centres: np.ndarray, band: float) -> np.ndar
             & (y <= fields[..., 3] - band)).any(axis=0)
 
 
+def on_true_cells(record: dict, prediction) -> np.ndarray:
+    """(predictions, true cells): class-agnostic IoU >= 0.5 (masks where both have them, else boxes)."""
+    truths = [mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], record["height"], record["width"]))
+              if a.get("segmentation") else None for a in record["annotations"]]
+    if not len(prediction) or not truths:
+        return np.zeros((len(prediction), len(truths)), bool)
+    if prediction.rles is not None and all(t is not None for t in truths):
+        iou = mask_utils.iou(prediction.rles, truths, [0] * len(truths))
+    else:
+        xywh = [[float(x0), float(y0), float(x1 - x0), float(y1 - y0)] for x0, y0, x1, y1 in prediction.boxes]
+        iou = mask_utils.iou(xywh, [a["bbox"] for a in record["annotations"]], [0] * len(truths))
+    return np.asarray(iou).reshape(len(prediction), len(truths)) >= 0.5
+
+
 def seam_errors(records: list[dict], predictions: list, min_confidence: float, band: float) -> dict:
     """Class-agnostic, at ``min_confidence``: true cells with no prediction at IoU >= 0.5
     (``missed``), extra predictions at IoU >= 0.5 on a true cell (``doubles``), predictions on no
@@ -180,14 +197,7 @@ def seam_errors(records: list[dict], predictions: list, min_confidence: float, b
     counts = dict.fromkeys(("missed", "doubles", "extra", "extra_at_edges"), 0)
     for record, prediction in zip(records, predictions):
         kept = prediction.above(min_confidence)
-        truths = [mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], record["height"], record["width"]))
-                  if a.get("segmentation") else None for a in record["annotations"]]
-        if kept.rles is not None and all(t is not None for t in truths):
-            iou = mask_utils.iou(kept.rles, truths, [0] * len(truths)) if len(kept) and truths else np.zeros((len(kept), len(truths)))
-        else:
-            xywh = [[float(x0), float(y0), float(x1 - x0), float(y1 - y0)] for x0, y0, x1, y1 in kept.boxes]
-            iou = mask_utils.iou(xywh, [a["bbox"] for a in record["annotations"]], [0] * len(truths))
-        matches = np.asarray(iou).reshape(len(kept), len(truths)) >= 0.5
+        matches = on_true_cells(record, kept)
         hits = matches.sum(axis=0)
         counts["missed"] += int((hits == 0).sum())
         counts["doubles"] += int(np.clip(hits - 1, 0, None).sum())
@@ -196,6 +206,29 @@ def seam_errors(records: list[dict], predictions: list, min_confidence: float, b
         centres = (kept.boxes[extra, :2] + kept.boxes[extra, 2:]) / 2
         counts["extra_at_edges"] += int((~in_field_interior(record, centres, band)).sum())
     return counts
+
+
+def touches_field_border(record: dict, boxes: np.ndarray, reach: float) -> np.ndarray:
+    """Which XYXY boxes come within ``reach`` px of one of the record's fields' borders, from
+    either side (they meet the field grown by ``reach`` and do not lie inside it shrunk by ``reach``)."""
+    fields, b = np.asarray(record["fields"], np.float64)[:, None, :], boxes[None].astype(np.float64)
+    meets = ((b[..., 0] < fields[..., 2] + reach) & (b[..., 2] > fields[..., 0] - reach)
+             & (b[..., 1] < fields[..., 3] + reach) & (b[..., 3] > fields[..., 1] - reach))
+    inside = ((b[..., 0] >= fields[..., 0] + reach) & (b[..., 2] <= fields[..., 2] - reach)
+              & (b[..., 1] >= fields[..., 1] + reach) & (b[..., 3] <= fields[..., 3] - reach))
+    return (meets & ~inside).any(axis=0)
+
+
+def without_cut_pieces(records: list[dict], predictions: list, reach: float) -> list:
+    """The predictions less those on no true cell (IoU < 0.5 with every one, any class) whose box
+    touches a field's border (``touches_field_border``). The labels leave out the cells a field's
+    border cuts, so such a prediction is neither right nor wrong: it is ignored, as COCO ignores
+    predictions in unlabelled (crowd) regions, for a field alone (its border is the image's edge)
+    and in a mosaic alike. Every true cell stays, and so does any prediction on one (a cell counted
+    twice still counts against F1)."""
+    return [prediction.select(np.nonzero(on_true_cells(record, prediction).any(axis=1)
+                                         | ~touches_field_border(record, prediction.boxes, reach))[0])
+            for record, prediction in zip(records, predictions)]
 
 
 def away_from_field_edges(records: list[dict], predictions: list, band: float) -> tuple[list, list]:
@@ -238,6 +271,9 @@ def main() -> None:
     parser.add_argument("--cross-class-nms", type=float, default=None, help="the point's NMS across classes")
     parser.add_argument("--gap", type=float, nargs="+", default=[0.0],
                         help="background between neighbouring fields, in cell diameters (0: edge to edge)")
+    parser.add_argument("--touch", type=float, default=0.1,
+                        help="the *_cut_ignored columns: a prediction on no true cell whose box comes this many cell "
+                             "diameters from a field's border is ignored")
     parser.add_argument("--edge-band", type=float, default=0.5,
                         help="the *_interior columns leave out what lies this many cell diameters from a field's edge")
     args = parser.parse_args()
@@ -258,8 +294,11 @@ def main() -> None:
           f"{cfg.data.name}, cells {field_cell_px:.1f} px; trained at {trained.as_dict()}; {point.describe()}")
     preprocess = OmegaConf.to_container(cfg.preprocess, resolve=True)
 
-    def figures(truths, found, band):  # all cells and, as f1_interior, those away from the fields' edges
+    def figures(truths, found, band):  # all cells; cut pieces ignored; as f1_interior, those away from the edges
+        ignored = score(truths, without_cut_pieces(truths, found, args.touch * band / args.edge_band), classes, point,
+                        cfg.eval.iou_threshold, band)
         return {**score(truths, found, classes, point, cfg.eval.iou_threshold, band),
+                "f1_cut_ignored": ignored["f1"], "ap50_cut_ignored": ignored["ap50"],
                 "f1_interior": score(*away_from_field_edges(truths, found, band), classes, point,
                                      cfg.eval.iou_threshold, band)["f1"]}
 
@@ -302,6 +341,7 @@ def main() -> None:
                         row[f"extra_at_edges_per_field_{reference}"] = alone.get("extra_at_edges")
                         if reference == "tiled":
                             row["f1_per_field_interior_tiled"] = alone.get("f1_interior")
+                            row["f1_per_field_cut_ignored_tiled"] = alone.get("f1_cut_ignored")
                     rows.append(row)
                     print(pd.DataFrame([row]).to_string(index=False, header=len(rows) == 1, float_format="%.3f"),
                           flush=True)
