@@ -294,8 +294,9 @@ def main() -> None:
           f"{cfg.data.name}, cells {field_cell_px:.1f} px; trained at {trained.as_dict()}; {point.describe()}")
     preprocess = OmegaConf.to_container(cfg.preprocess, resolve=True)
 
-    def figures(truths, found, band):  # all cells; cut pieces ignored; as f1_interior, those away from the edges
-        ignored = score(truths, without_cut_pieces(truths, found, args.touch * band / args.edge_band), classes, point,
+    def figures(truths, found, cell_px):  # all cells; cut pieces ignored; as f1_interior, those away from the edges
+        band = args.edge_band * cell_px
+        ignored = score(truths, without_cut_pieces(truths, found, args.touch * cell_px), classes, point,
                         cfg.eval.iou_threshold, band)
         return {**score(truths, found, classes, point, cfg.eval.iou_threshold, band),
                 "f1_cut_ignored": ignored["f1"], "ap50_cut_ignored": ignored["ap50"],
@@ -306,8 +307,8 @@ def main() -> None:
     rows, single = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for factor in args.resample:
-            tiling = Tiling(trained, field_cell_px * factor)
-            band = args.edge_band * field_cell_px * factor
+            cell_px = field_cell_px * factor
+            tiling = Tiling(trained, cell_px)
             grid = tiling.for_sample({"scale": (1.0, 1.0)}).grid()  # SAHI's slices: our tiles
             for fields, gap in [(f, g) for f in args.fields for g in (args.gap if f > 1 else [0.0])]:
                 count = max(1, math.ceil(len(records) / fields))  # every field used at least once
@@ -325,7 +326,7 @@ def main() -> None:
                             args.ckpt, [m["file_name"] for m in mosaics], preprocess, used, cut, args.threads),))
                     row = {"resample": factor, "fields": fields, "gap_cells": gap, "mode": mode, "images": len(mosaics),
                            "size": f"{mosaics[0]['width']}x{mosaics[0]['height']}",
-                           **figures(mosaics, predictions, band),
+                           **figures(mosaics, predictions, cell_px),
                            "mp_per_s": sum(m["width"] * m["height"] for m in mosaics) / 1e6 / seconds,
                            "peak_rss_mb": peak}
                     row["count_error_per_field"] = row.pop("count_error") / (fields * len(mosaics))
@@ -335,7 +336,7 @@ def main() -> None:
                     for reference in ("whole", "tiled"):  # the same fields predicted one by one, at this point
                         known = single.get((factor, reference))
                         alone = {} if known is None else figures([single[factor][i] for i in used_fields],
-                                                                 [known[i] for i in used_fields], band)
+                                                                 [known[i] for i in used_fields], cell_px)
                         row[f"f1_per_field_{reference}"] = alone.get("f1")
                         row[f"extra_per_field_{reference}"] = alone.get("extra")
                         row[f"extra_at_edges_per_field_{reference}"] = alone.get("extra_at_edges")

@@ -17,12 +17,11 @@ neighbours; a detection is kept from the tile whose core holds its cell's centre
 the best-scoring view of that cell from any tile (``owning_centres``), so that two tiles' views
 agree on the owner whatever their boxes' jitter. With an overlap of at least one cell diameter a
 cell whose centre lies in a core is whole in that tile, and a piece of a cut cell has its centre
-in another tile's core, so each cell is kept once and never split. A
-cell that tile does not find (seen on the mosaics: the same cell found alone, missed beside other
-fields) is still kept from a neighbour that sees it whole, its box clear of that tile's inner
-edges: a piece always touches the edge that cuts it. Views of one cell from two tiles (such a
-whole view beside the owner's) are caught after: of two boxes from different tiles with IoU above
-``SEAM_IOU``, the lower score goes.
+in another tile's core, so each cell is kept once and never split. A cell that tile does not find
+(seen on the mosaics: the same cell found alone, missed beside other fields) is still kept from a
+neighbour that sees it whole, its box clear of that tile's inner edges: a piece always touches the
+edge that cuts it. Such a whole view beside the owner's view is caught after: of two boxes from
+different tiles with IoU above ``SEAM_IOU``, the lower score goes.
 
 Masks are written by region: each kept mask is encoded as a COCO RLE of the whole image from its
 own crop (``region_rle``), never as one full-size array per cell.
