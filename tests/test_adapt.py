@@ -333,6 +333,33 @@ def test_a_few_labelled_images_fine_tune_the_model_shown_as_half_of_what_it_sees
                         OmegaConf.merge(cfg.adapt.fine_tune, {"steps": 0}), tmp_path / "elsewhere")
 
 
+def test_after_fine_tuning_on_labelled_images_the_boundary_is_moved_as_the_tuned_model_sees_the_new_images(
+        trained_run, tmp_path, monkeypatch):  # noqa: F811
+    from leukodet.engine import adapt
+    from leukodet.engine.evaluate import read_checkpoint
+
+    labels = labelled_copy(trained_run, tmp_path / "scanner2")
+    new_scanner = as_another_scanner_saw_them(trained_run, tmp_path / "new_scanner", 4)
+    measured_by = []
+    monkeypatch.setattr(adapt, "class_boundary_shift", lambda run_cfg, module, images: measured_by.append(
+        (module.state_dict(), images)) or (1.5, "lymphoblast boundary moved +1.50 logits"))
+    checkpoint = trained_run / "run" / "checkpoints" / "last.ckpt"
+    adapted = adapt.adapt_run(compose(f"ckpt={checkpoint}", f"input={new_scanner}", "adapt.stain=none",
+                                      f"adapt.labelled={labels}", "adapt.fine_tune.steps=2", "adapt.class_bias=otsu",
+                                      config_name="adapt"), tmp_path / "adapted")
+
+    (weights, images), = measured_by
+    tuned = read_checkpoint(adapted)["state_dict"]
+    original = read_checkpoint(checkpoint)["state_dict"]
+    assert all(torch.equal(weights[k], v) for k, v in tuned.items())  # the fine-tuned model's margins
+    assert any(not torch.equal(tuned[k], v) for k, v in original.items() if v.is_floating_point())
+    assert sorted(p.name for p in images) == sorted(p.name for p in new_scanner.iterdir())
+    assert json.loads((adapted.parent / "thresholds.json").read_text())["class_bias"] == [1.5, 0.0]
+    record = OmegaConf.load(tmp_path / "adapted" / "config.yaml").adapted
+    assert record.labelled == str(labels.resolve()) and record.labelled_fine_tuning_steps == 2
+    assert record.class_bias.startswith("lymphoblast boundary moved +1.50 logits")
+
+
 def test_labelled_images_of_other_classes_boxes_only_or_a_missing_file_are_refused_by_name(trained_run, tmp_path):  # noqa: F811
     from leukodet.engine.adapt import adapt_run
 
@@ -476,8 +503,9 @@ def test_the_class_boundary_moves_by_the_valley_of_the_new_images_margins(traine
     assert config.adapted.input == str(new_scanner.resolve())
     assert config.adapted.class_bias.startswith(f"lymphoblast boundary moved {shift:+.2f} logits")
     # the move is from the val valley drawn toward margin 0 (as if ROUGH_CELLS more cells sat there)
-    new, val, cells, taken = re.search(r"([-+][\d.]+) on \d+ cells of 6 new images, ([-+][\d.]+) on (\d+) cells of the "
-                                       r"val split, taken as ([-+][\d.]+)", config.adapted.class_bias).groups()
+    new, val, cells, taken = re.search(r"([-+][\d.]+) on \d+ cells of 6 new images of \S+, ([-+][\d.]+) on (\d+) "
+                                       r"cells of the val split, taken as ([-+][\d.]+)",
+                                       config.adapted.class_bias).groups()
     assert float(taken) == pytest.approx(boundary.reference_valley(float(val), int(cells)), abs=0.01)
     assert shift == pytest.approx(float(taken) - float(new), abs=0.02)
     assert "of 6 new images" in config.adapted.class_bias
@@ -495,7 +523,7 @@ def test_the_class_boundary_moves_by_the_valley_of_the_new_images_margins(traine
     for i in range(3):
         cv2.imwrite(str(blank / f"{i}.png"), np.full((192, 256, 3), 235, np.uint8))
     monkeypatch.setattr(boundary, "CELL_SCORE", 0.5)  # the blank fields' faint boxes are no cells
-    refused = rf"adapt.class_bias=otsu: 3 images of {re.escape(str(blank))}: \d cells.*: at least 10"
+    refused = rf"adapt.class_bias=otsu: 3 new images of {re.escape(str(blank))}: \d cells.*: at least 10"
     with pytest.raises(ValueError, match=refused):
         adapt_run(compose(f"ckpt={checkpoint}", f"input={blank}", "adapt.stain=none", "adapt.class_bias=otsu",
                           config_name="adapt"), tmp_path / "refused")

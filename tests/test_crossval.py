@@ -20,7 +20,7 @@ from conftest import REPO, compose
 from leukodet.data.prepare import fold_split, split_records
 from leukodet.engine.crossval import calibration_draws, val_chosen_point
 from leukodet.data.records import ImageRecord, Region
-from leukodet.structures import SAME_CELL_IOU, OperatingPoint
+from leukodet.structures import SAME_CELL_IOU, ImagePredictions, OperatingPoint
 
 K = 3
 PATIENT = re.compile(r"patient(\d+)")
@@ -220,7 +220,8 @@ def test_a_fold_is_fine_tuned_on_its_draw_and_scored_on_the_other_images_only(tm
     monkeypatch.setattr(crossval, "scored_on_rest", lambda cfg, records, raw, classes, points: seen.update(
         scored=records, raw=raw, points=points) or {"fine_tuned_f1": 1.0})
     val_point = OperatingPoint(0.7, 0.3, 100)
-    settings = OmegaConf.create({"fine_tune": {"steps": 2, "lr_factor": 0.1, "labelled_share": 0.5}})
+    settings = OmegaConf.create({"fine_tune": {"steps": 2, "lr_factor": 0.1, "labelled_share": 0.5,
+                                               "class_bias": "none"}})
     figures = crossval.fine_tune_on_draw(None, "trained model", records, chosen, ["a"], val_point, settings,
                                          tmp_path / "tuned")
 
@@ -229,6 +230,50 @@ def test_a_fold_is_fine_tuned_on_its_draw_and_scored_on_the_other_images_only(tm
     rest = ["0.png", "2.png", "3.png", "5.png", "7.png"]  # no labelled image is scored
     assert [r["file_name"] for r in seen["predicted"]] == [r["file_name"] for r in seen["scored"]] == rest
     assert seen["raw"] == [f"raw {name}" for name in rest] and seen["points"] == {"fine_tuned": val_point}
+
+
+def one_cell(margin: float) -> ImagePredictions:
+    """An image with one cell whose lymphocyte-minus-other class margin is ``margin`` logits (a box
+    of each class on it, the other class scored 0.6)."""
+    other = 0.6
+    lymphocyte = 1 / (1 + np.exp(-(np.log(other / (1 - other)) + margin)))
+    return ImagePredictions(np.array([[10, 10, 40, 40]] * 2, np.float32), np.array([lymphocyte, other], np.float32),
+                            np.array([0, 1]), None)
+
+
+def test_a_fine_tuned_fold_is_also_scored_with_its_boundary_moved_to_the_other_held_out_images(tmp_path,
+                                                                                                monkeypatch):
+    """crossval.calibration.fine_tune.class_bias=otsu: the tuned model's margins on the other held-out
+    images (unlabelled) against its val split's move the boundary, as adapt.class_bias=otsu does."""
+    from leukodet.engine import crossval
+
+    records = [{"file_name": f"{i}.png", "annotations": []} for i in range(15)]
+    val = [{"file_name": f"val{i}.png", "annotations": []} for i in range(12)]
+    # val: two groups of cells at -3 and +3 (valley 0); the other held-out images at -7 and -1 (valley -4)
+    margins = {**{f"val{i}.png": 3.0 if i % 2 else -3.0 for i in range(12)},
+               **{f"{i}.png": -1.0 if i % 2 else -7.0 for i in range(15)}}
+    predicted, seen = [], {}
+    monkeypatch.setattr(crossval, "labelled_fine_tuning", lambda *args: "tuned model")
+    monkeypatch.setattr(crossval, "get_dataset_dicts", lambda name: val if name == "wbc_fold1_val" else [])
+    monkeypatch.setattr(crossval, "predict_split", lambda cfg, module, records, point, desc: predicted.append(
+        (module, [r["file_name"] for r in records])) or [one_cell(margins[r["file_name"]]) for r in records])
+    monkeypatch.setattr(crossval, "scored_on_rest", lambda cfg, records, raw, classes, points: seen.update(
+        points=points) or {f"{name}_f1": 1.0 for name in points})
+    fold_cfg = OmegaConf.create({"data": {"name": "wbc_fold1"}, "eval": {"share_class": "lymphocyte"}})
+    settings = OmegaConf.create({"fine_tune": {"steps": 2, "lr_factor": 0.1, "labelled_share": 0.5,
+                                               "class_bias": "otsu"}})
+    val_point = OperatingPoint(0.7, 0.3, 100, class_bias=(0.5, 0.0))
+    figures = crossval.fine_tune_on_draw(fold_cfg, "trained model", records, np.array([0, 1, 2]),
+                                         ["lymphocyte", "other_wbc"], val_point, settings, tmp_path / "tuned")
+
+    rest = [f"{i}.png" for i in range(3, 15)]  # the labelled three are neither scored nor measured
+    assert predicted == [("tuned model", rest), ("tuned model", [r["file_name"] for r in val])]
+    assert figures["fine_tuned_moved_shift"] == pytest.approx(4.0, abs=1e-4)  # the valley moved -4: so does the boundary
+    assert seen["points"]["fine_tuned"] == val_point
+    moved = seen["points"]["fine_tuned_moved"]
+    assert moved.class_bias == pytest.approx((4.5, 0.0)) and moved.cross_class_nms == SAME_CELL_IOU
+    assert (moved.min_confidence, moved.nms) == (0.7, 0.3)
+    assert figures["fine_tuned_f1"] == figures["fine_tuned_moved_f1"] == 1.0
 
 
 @pytest.mark.long

@@ -276,31 +276,37 @@ def labelled_fine_tuning(trained: DictConfig, module: DetectionModule, labelled:
 
 
 def class_boundary_shift(run_cfg: DictConfig, module: DetectionModule, images: list[Path]) -> tuple[float, str]:
-    """How far to move the boundary between ``eval.share_class`` and the rest: as far as the valley
-    of the cells' class margins moved from the run's val split to ``images``, both predicted by
-    ``module`` through ``run_cfg``'s preprocessing (``evaluation.boundary``; no label of either is
-    read); the val split's valley drawn toward the model's own boundary (``reference_valley``), or
-    that boundary itself when the val split holds too few cells for a valley (a warning says so; too
-    few on the new images refuses). Returns the shift (logits, for that class) and what was
-    measured, in words."""
+    """How far to move the boundary between ``eval.share_class`` and the rest (``boundary_shift``),
+    ``module`` predicting the run's val split and ``images`` through ``run_cfg``'s preprocessing
+    (no label of either is read). Returns the shift (logits, for that class) and what was measured,
+    in words."""
     classes = get_metadata(split_name(run_cfg.data.name, "val"))["thing_classes"]
     if len(classes) < 2:
         raise ValueError(f"adapt.class_bias=otsu: the run has one class ({classes[0]}); there is no boundary between "
                          f"classes to move")
-    moved = bias_class(run_cfg, classes)
     val = predict_split(run_cfg, module, get_dataset_dicts(split_name(run_cfg.data.name, "val")), RAW,
                         "class margins, val")
     new = predict_images(run_cfg, module, images, RAW, "class margins, new images")
+    return boundary_shift(val, new, bias_class(run_cfg, classes), classes,
+                          f"{len(images)} new images of {run_cfg.input}")
+
+
+def boundary_shift(val: list, new: list, moved: int, classes: list[str], new_name: str) -> tuple[float, str]:
+    """How far to move the boundary between class ``moved`` and the rest: as far as the valley of the
+    cells' class margins (``evaluation.boundary``) moved from the raw predictions ``val`` (the run's
+    val split) to ``new`` (the new acquisition's images, ``new_name`` in messages); the val split's
+    valley drawn toward the model's own boundary (``reference_valley``), or that boundary itself when
+    the val split holds too few cells for a valley (a warning says so; too few new cells refuses).
+    Returns the shift (logits, for that class) and what was measured, in words."""
     reference, target = class_margins(val, moved), class_margins(new, moved)
-    new_images = f"{len(images)} images of {run_cfg.input}"
-    for name, margins in (("the val split", reference), (new_images, target)):
+    for name, margins in (("the val split", reference), (new_name, target)):
         if MIN_CELLS <= len(margins) < ROUGH_CELLS:
             logger.warning("adapt.class_bias=otsu: %d cells in %s place the valley of the class margins roughly; "
                            "%d or more place it better", len(margins), name, ROUGH_CELLS)
     try:
         new_valley = otsu_threshold(target)
     except ValueError as err:
-        raise ValueError(f"adapt.class_bias=otsu: {new_images}: {err}") from None
+        raise ValueError(f"adapt.class_bias=otsu: {new_name}: {err}") from None
     try:  # a val split too small for a valley of its own leaves the model's own boundary as the reference
         val_valley = otsu_threshold(reference)
     except ValueError as err:
@@ -310,23 +316,28 @@ def class_boundary_shift(run_cfg: DictConfig, module: DetectionModule, images: l
     reference_at = reference_valley(val_valley, len(reference))
     shift = reference_at - new_valley  # the boundary keeps its place relative to the two groups
     return shift, (f"{classes[moved]} boundary moved {shift:+.2f} logits (the valley of the class margins: "
-                   f"{new_valley:+.2f} on {len(target)} cells of {len(images)} new images, {val_valley:+.2f} on "
+                   f"{new_valley:+.2f} on {len(target)} cells of {new_name}, {val_valley:+.2f} on "
                    f"{len(reference)} cells of the val split, taken as {reference_at:+.2f})")
 
 
+def moved_boundary(point: OperatingPoint, shift: float, moved: int, n_classes: int) -> OperatingPoint:
+    """``point`` with ``shift`` added to its class bias on class ``moved``. A point that suppresses
+    only within classes suppresses across them too when the bias is not zero, at the overlap the
+    margins took for one cell (``OperatingPoint.with_bias_suppression``): the bias lifts a hesitant
+    cell's second box over the min confidence, and the cell would count twice."""
+    bias = one_class_bias(shift, moved, n_classes)
+    return replace(point, class_bias=tuple(b + m for b, m in zip(point.class_bias or [0.0] * n_classes, bias)),
+                   source="the class boundary moved to the new images (adapt.class_bias=otsu)").with_bias_suppression()
+
+
 def add_class_bias(run_cfg: DictConfig, checkpoint: Path, shift: float) -> OperatingPoint:
-    """``shift`` added to the class bias of ``checkpoint``'s point on ``eval.share_class``, written to
-    the ``thresholds.json`` beside it; returns the new point. A point that suppresses only within
-    classes suppresses across them too when the bias is not zero, at the overlap the margins took
-    for one cell (``OperatingPoint.with_bias_suppression``): the bias
-    lifts a hesitant cell's second box over the min confidence, and the cell would count twice.
-    ``run_cfg``: the adapted run's (``run_config`` of ``checkpoint``)."""
+    """``checkpoint``'s point with its boundary moved by ``shift`` (``moved_boundary``), written to the
+    ``thresholds.json`` beside it; returns the new point. ``run_cfg``: the adapted run's
+    (``run_config`` of ``checkpoint``)."""
     classes = get_metadata(split_name(run_cfg.data.name, "val"))["thing_classes"]
     point = operating_point(run_cfg)
     require_bias_per_class(point, classes)
-    moved = one_class_bias(shift, bias_class(run_cfg, classes), len(classes))
-    point = replace(point, class_bias=tuple(b + m for b, m in zip(point.class_bias or [0.0] * len(classes), moved)),
-                    source="the class boundary moved to the new images (adapt.class_bias=otsu)").with_bias_suppression()
+    point = moved_boundary(point, shift, bias_class(run_cfg, classes), len(classes))
     saved = load_thresholds(checkpoint.parent / "thresholds.json") or {}
     save_thresholds(checkpoint.parent / "thresholds.json",
                     {**saved, "min_confidence": point.min_confidence, "nms": point.nms,

@@ -24,9 +24,9 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from leukodet.data.catalog import get_metadata, register_datasets, split_name
+from leukodet.data.catalog import get_dataset_dicts, get_metadata, register_datasets, split_name
 from leukodet.data.pipeline import ensure_prepared
-from leukodet.engine.adapt import labelled_fine_tuning
+from leukodet.engine.adapt import boundary_shift, labelled_fine_tuning, moved_boundary
 from leukodet.engine.evaluate import (bias_class, cached_raw_predictions, choose_on_val, load_detector,
                                       predict_split, score_split)
 from leukodet.engine.module import DetectionModule
@@ -197,8 +197,8 @@ def calibrate_fold(cfg: DictConfig, index: int, out_dir: Path, row: dict) -> dic
     table = pd.DataFrame(draws)
     atomic_write_text(fold_dir / f"calibrated{calibration_suffix(settings)}.csv", table.to_csv(index=False))
     means = table.drop(columns=["draw", "test_indices", "cross_class_nms"]).mean(numeric_only=True).to_dict()
-    spread = {f"{name}_f1_sd_draws": table[f"{name}_f1"].std(ddof=1) for name in ("calibrated", "fine_tuned")
-              if f"{name}_f1" in table}
+    spread = {f"{name}_f1_sd_draws": table[f"{name}_f1"].std(ddof=1)
+              for name in ("calibrated", "fine_tuned", "fine_tuned_moved") if f"{name}_f1" in table}
     return {**means, "fold": index, "calibration_images": int(settings.images), "draws": len(table),
             "scored_images": len(records) - int(settings.images), **spread}
 
@@ -252,11 +252,23 @@ def fine_tune_on_draw(fold_cfg: DictConfig, module: DetectionModule, records: li
     (``module``, trained with ``fold_cfg``) on its train split plus them (``adapt.labelled_fine_tuning``, ``settings.fine_tune``; the run in
     ``tune_dir``, reused when finished), then score the held-out fold's other images at the
     val-chosen point (``fine_tuned_*``). Not re-chosen on the labelled images: the tuned model has
-    learnt them, so every point of the grid scores them alike and the tie goes to the val point."""
+    learnt them, so every point of the grid scores them alike and the tie goes to the val point. With
+    ``settings.fine_tune.class_bias=otsu``, also at that point with the class boundary moved by the
+    tuned model's margins on the other images (their labels unread) against its val split
+    (``adapt.boundary_shift``): ``fine_tuned_moved_*``, and the shift in logits."""
     tuned = labelled_fine_tuning(fold_cfg, module, [records[i] for i in chosen], settings.fine_tune, tune_dir)
     rest = [records[i] for i in np.setdiff1d(np.arange(len(records)), chosen)]
     raw = predict_split(fold_cfg, tuned, rest, RAW, "raw predictions, fine-tuned")
-    return scored_on_rest(fold_cfg, rest, raw, classes, {"fine_tuned": val_point})
+    points, moved_by = {"fine_tuned": val_point}, {}
+    if settings.fine_tune.class_bias == "otsu":  # as adapt.class_bias=otsu moves it; the rest's labels unread
+        val = predict_split(fold_cfg, tuned, get_dataset_dicts(split_name(fold_cfg.data.name, "val")), RAW,
+                            "class margins, val, fine-tuned")
+        moved = bias_class(fold_cfg, classes)
+        shift, measured = boundary_shift(val, raw, moved, classes, f"the {len(rest)} other held-out images")
+        logger.info("fine-tuned, then %s", measured)
+        points["fine_tuned_moved"] = moved_boundary(val_point, shift, moved, len(classes))
+        moved_by = {"fine_tuned_moved_shift": shift}
+    return {**scored_on_rest(fold_cfg, rest, raw, classes, points), **moved_by}
 
 
 # What a recalibrated fold reports (and count MAE per class), at its calibrated and its val-chosen point
@@ -266,8 +278,9 @@ CALIBRATED_FIGURES = ("f1", "precision", "recall", "detection_f1", "share_mae", 
 def headline_columns(table: pd.DataFrame) -> list[str]:
     """The figures cross-validation reports: AP50, F1 at the chosen point, best F1, count MAE per class
     and the share error (for recalibrated folds each at the calibrated and at the val-chosen point,
-    and fine-tuned where the fold was)."""
-    prefixes = ("calibrated_", "val_point_", "fine_tuned_") if "calibration_images" in table else ("",)
+    and fine-tuned where the fold was, with its boundary moved where it was)."""
+    calibrated = ("calibrated_", "val_point_", "fine_tuned_", "fine_tuned_moved_")
+    prefixes = calibrated if "calibration_images" in table else ("",)
     figures = ["ap50_segm", "ap50_bbox", "f1", "precision", "recall", "best_f1", "detection_f1", "share_mae"]
     figures += sorted(c[len(prefixes[0]):] for c in table.columns if c.startswith(f"{prefixes[0]}count_mae_"))
     wanted = [f"{prefix}{figure}" for figure in figures for prefix in prefixes]
@@ -311,6 +324,9 @@ def cross_validate(cfg: DictConfig, out_dir: str | Path) -> pd.DataFrame:
     unknown = [i for i in wanted if not 0 <= i < k]
     if unknown:
         raise ValueError(f"crossval.folds={unknown}: this cross-validation has folds 0..{k - 1}")
+    moving = cfg.crossval.calibration.fine_tune.class_bias
+    if moving not in ("none", "otsu"):
+        raise ValueError(f"crossval.calibration.fine_tune.class_bias={moving}: use none or otsu")
     for index in wanted:
         logger.info("fold %d of %d (%s)", index, k, out_dir / f"fold{index}")
         run_fold(cfg, index, out_dir)
