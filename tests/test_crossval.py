@@ -268,7 +268,7 @@ def test_a_fine_tuned_fold_is_also_scored_with_its_boundary_moved_to_the_other_h
 
     rest = [f"{i}.png" for i in range(3, 15)]  # the labelled three are neither scored nor measured
     assert predicted == [("tuned model", rest), ("tuned model", [r["file_name"] for r in val])]
-    assert figures["fine_tuned_moved_shift"] == pytest.approx(4.0, abs=1e-4)  # the valley moved -4: so does the boundary
+    assert figures["fine_tuned_moved_shift"] == pytest.approx(4.0, abs=1e-4)  # the valley moved -4, the boundary +4
     assert seen["points"]["fine_tuned"] == val_point
     moved = seen["points"]["fine_tuned_moved"]
     assert moved.class_bias == pytest.approx((4.5, 0.0)) and moved.cross_class_nms == SAME_CELL_IOU
