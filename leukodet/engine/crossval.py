@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -197,8 +198,8 @@ def calibrate_fold(cfg: DictConfig, index: int, out_dir: Path, row: dict) -> dic
     table = pd.DataFrame(draws)
     atomic_write_text(fold_dir / f"calibrated{calibration_suffix(settings)}.csv", table.to_csv(index=False))
     means = table.drop(columns=["draw", "test_indices", "cross_class_nms"]).mean(numeric_only=True).to_dict()
-    spread = {f"{name}_f1_sd_draws": table[f"{name}_f1"].std(ddof=1)
-              for name in ("calibrated", "fine_tuned", "fine_tuned_moved") if f"{name}_f1" in table}
+    spread = {f"{name}_f1_sd_draws": table[f"{name}_f1"].std(ddof=1) for name in
+              ("calibrated", "fine_tuned", "fine_tuned_one_class", "fine_tuned_moved") if f"{name}_f1" in table}
     return {**means, "fold": index, "calibration_images": int(settings.images), "draws": len(table),
             "scored_images": len(records) - int(settings.images), **spread}
 
@@ -255,7 +256,8 @@ def fine_tune_on_draw(fold_cfg: DictConfig, module: DetectionModule, records: li
     learnt them, so every point of the grid scores them alike and the tie goes to the val point. With
     ``settings.fine_tune.class_bias=otsu``, also at that point with the class boundary moved by the
     tuned model's margins on the other images (their labels unread) against its val split
-    (``adapt.boundary_shift``): ``fine_tuned_moved_*``, and the shift in logits."""
+    (``adapt.boundary_shift``): ``fine_tuned_moved_*``, and the shift in logits; and at the val point
+    suppressing across classes as the moved one does, unmoved (``fine_tuned_one_class_*``)."""
     tuned = labelled_fine_tuning(fold_cfg, module, [records[i] for i in chosen], settings.fine_tune, tune_dir)
     rest = [records[i] for i in np.setdiff1d(np.arange(len(records)), chosen)]
     raw = predict_split(fold_cfg, tuned, rest, RAW, "raw predictions, fine-tuned")
@@ -267,6 +269,8 @@ def fine_tune_on_draw(fold_cfg: DictConfig, module: DetectionModule, records: li
         shift, measured = boundary_shift(val, raw, moved, classes, f"the {len(rest)} other held-out images")
         logger.info("fine-tuned, then %s", measured)
         points["fine_tuned_moved"] = moved_boundary(val_point, shift, moved, len(classes))
+        # the moved point suppresses across classes too: this one does that alone, to tell the two apart
+        points["fine_tuned_one_class"] = replace(val_point, cross_class_nms=points["fine_tuned_moved"].cross_class_nms)
         moved_by = {"fine_tuned_moved_shift": shift}
     return {**scored_on_rest(fold_cfg, rest, raw, classes, points), **moved_by}
 
@@ -279,7 +283,7 @@ def headline_columns(table: pd.DataFrame) -> list[str]:
     """The figures cross-validation reports: AP50, F1 at the chosen point, best F1, count MAE per class
     and the share error (for recalibrated folds each at the calibrated and at the val-chosen point,
     and fine-tuned where the fold was, with its boundary moved where it was)."""
-    calibrated = ("calibrated_", "val_point_", "fine_tuned_", "fine_tuned_moved_")
+    calibrated = ("calibrated_", "val_point_", "fine_tuned_", "fine_tuned_one_class_", "fine_tuned_moved_")
     prefixes = calibrated if "calibration_images" in table else ("",)
     figures = ["ap50_segm", "ap50_bbox", "f1", "precision", "recall", "best_f1", "detection_f1", "share_mae"]
     figures += sorted(c[len(prefixes[0]):] for c in table.columns if c.startswith(f"{prefixes[0]}count_mae_"))
