@@ -58,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 STAIN_STEP = "stain_normalize"
 TARGET_SOURCE = "unlabelled target"  # the source of the new images a mean teacher labels as training goes
+BOUNDARY_MOVES = ("none", "otsu")  # adapt.class_bias and crossval.calibration.fine_tune.class_bias
 TRAINING_ONLY = ("optimizer_states", "lr_schedulers", "loops", "callbacks")  # an adapted checkpoint does not resume
 
 
@@ -366,7 +367,7 @@ def adapt_run(cfg: DictConfig, out_dir: str | Path) -> Path:
             and not settings.get("labelled")):
         raise ValueError("nothing to adapt: give adapt.stain=reinhard|macenko, adapt.batchnorm=true, "
                          "adapt.self_training.steps=N, adapt.class_bias=otsu and/or adapt.labelled=labels.json")
-    if settings.class_bias not in ("none", "otsu"):
+    if settings.class_bias not in BOUNDARY_MOVES:
         raise ValueError(f"adapt.class_bias={settings.class_bias}: use none or otsu")
     reads_input = bool(settings.batchnorm or tuning_steps or settings.class_bias != "none")
     if reads_input and not cfg.get("input"):

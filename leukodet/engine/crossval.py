@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from leukodet.data.catalog import get_dataset_dicts, get_metadata, register_datasets, split_name
 from leukodet.data.pipeline import ensure_prepared
-from leukodet.engine.adapt import boundary_shift, labelled_fine_tuning, moved_boundary
+from leukodet.engine.adapt import BOUNDARY_MOVES, boundary_shift, labelled_fine_tuning, moved_boundary
 from leukodet.engine.evaluate import (bias_class, cached_raw_predictions, choose_on_val, load_detector,
                                       predict_split, score_split)
 from leukodet.engine.module import DetectionModule
@@ -329,7 +329,7 @@ def cross_validate(cfg: DictConfig, out_dir: str | Path) -> pd.DataFrame:
     if unknown:
         raise ValueError(f"crossval.folds={unknown}: this cross-validation has folds 0..{k - 1}")
     moving = cfg.crossval.calibration.fine_tune.class_bias
-    if moving not in ("none", "otsu"):
+    if moving not in BOUNDARY_MOVES:
         raise ValueError(f"crossval.calibration.fine_tune.class_bias={moving}: use none or otsu")
     for index in wanted:
         logger.info("fold %d of %d (%s)", index, k, out_dir / f"fold{index}")
